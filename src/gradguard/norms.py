@@ -1,0 +1,557 @@
+"""The norm engine: every norm gradguard uses is computed here.
+
+Per-tensor norms are computed with one ``torch._foreach_norm`` call per (device, dtype)
+group, accumulated in fp32 for fp16/bf16 tensors so that finite gradients never give an
+infinite norm, and returned as one fp32 vector in the order of the input tensors. Total
+norms are the norm of that vector, exactly as in :func:`torch.nn.utils.get_total_norm`.
+
+Distributed tensors are handled here too, so no caller has to remember them:
+
+* A ``DTensor`` gradient (FSDP2 ``fully_shard``) contributes the norm of the *full*
+  gradient: local shard norms are raised to the p-th power, all-reduced in one collective
+  per mesh, and the root is taken. The result is a plain tensor.
+* ``process_group`` reduces a *total* norm over ranks that hold disjoint parameters
+  (pipeline-parallel stages, manual sharding schemes).
+
+Nothing in this module reads a tensor value on the host: every result stays on the device.
+
+References:
+    torch ``torch/nn/utils/clip_grad.py`` (grouping by device and dtype, foreach with a
+    loop fallback).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "TensorOrTensors",
+    "as_tensor_list",
+    "get_grads",
+    "get_total_norm",
+    "grad_norms",
+    "tensor_norms",
+    "total_norm",
+    "unit_norms",
+    "validate_norm_type",
+]
+
+TensorOrTensors = Tensor | Iterable[Tensor]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+# Tensors with at least this many elements get their unit-wise norms computed one by one
+# (the kernel time dwarfs Python overhead); smaller ones are concatenated per unit size
+# and reduced in one kernel, so thousands of small tensors cost a handful of calls.
+_UNIT_BATCH_MAX_NUMEL = 1 << 16
+
+
+# --------------------------------------------------------------------------------------
+# Input handling
+# --------------------------------------------------------------------------------------
+
+
+def as_tensor_list(tensors: TensorOrTensors, name: str = "parameters") -> list[Tensor]:
+    """Turn a tensor, an iterable of tensors or ``model.parameters()`` into a list.
+
+    Args:
+        tensors: a Tensor, or an iterable of Tensors/Parameters (a generator is consumed).
+        name: the argument name used in error messages.
+
+    Returns:
+        A new list of the tensors.
+
+    Raises:
+        TypeError: if ``tensors`` is not a tensor or an iterable of tensors.
+    """
+    if isinstance(tensors, Tensor):
+        return [tensors]
+    if isinstance(tensors, (str, bytes)) or not isinstance(tensors, Iterable):
+        raise TypeError(
+            f"{name} must be a Tensor or an iterable of Tensors, got {type(tensors).__name__}"
+        )
+    out = list(tensors)
+    for i, t in enumerate(out):
+        if not isinstance(t, Tensor):
+            raise TypeError(
+                f"{name}[{i}] must be a Tensor, got {type(t).__name__}; pass model.parameters() "
+                "or a list of tensors"
+            )
+    return out
+
+
+def _check_floating(t: Tensor, what: str) -> None:
+    if t.is_sparse or t.layout != torch.strided:
+        raise TypeError(
+            f"{what} has layout {t.layout}; gradguard supports dense (strided) gradients only. "
+            "Use dense gradients (e.g. nn.Embedding(..., sparse=False))."
+        )
+    if not (t.is_floating_point() or t.is_complex()):
+        raise TypeError(f"{what} has dtype {t.dtype}; gradients must be floating point")
+
+
+def get_grads(parameters: TensorOrTensors, name: str = "parameters") -> list[Tensor]:
+    """The ``.grad`` of each parameter that has one, validated.
+
+    Args:
+        parameters: a Tensor, an iterable of Tensors, or ``model.parameters()``.
+        name: the argument name used in error messages.
+
+    Returns:
+        The gradients, in parameter order, ``None`` gradients skipped.
+
+    Raises:
+        TypeError: on sparse or non-floating gradients.
+    """
+    params = as_tensor_list(parameters, name)
+    grads = []
+    for i, p in enumerate(params):
+        g = p.grad
+        if g is None:
+            continue
+        _check_floating(g, f"{name}[{i}].grad")
+        grads.append(g)
+    return grads
+
+
+def validate_norm_type(norm_type: object) -> float:
+    """Check a norm order: a real number > 0, or ``inf``.
+
+    Args:
+        norm_type: the order ``p`` of the p-norm (``'inf'`` accepted, as torch does).
+
+    Returns:
+        ``norm_type`` as a float.
+
+    Raises:
+        TypeError: if it is not a number.
+        ValueError: if it is NaN, not positive, or ``-inf``.
+    """
+    if isinstance(norm_type, str) and norm_type.lower() == "inf":
+        return math.inf
+    if isinstance(norm_type, bool) or not isinstance(norm_type, numbers.Real):
+        raise TypeError(f"norm_type must be a number or 'inf', got {norm_type!r}")
+    p = float(norm_type)
+    if math.isnan(p) or p <= 0:
+        raise ValueError(f"norm_type must be > 0 or inf, got {norm_type!r}")
+    return p
+
+
+# --------------------------------------------------------------------------------------
+# Grouping
+# --------------------------------------------------------------------------------------
+
+
+def _group_by_device_and_dtype(
+    tensors: list[Tensor],
+) -> dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[int]]]:
+    """Group tensors by (device, dtype), keeping their indices. Uses torch's C++ grouping."""
+    try:
+        from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+
+        grouped = _group_tensors_by_device_and_dtype([tensors], with_indices=True)
+        return {key: (lists[0], idx) for key, (lists, idx) in grouped.items()}
+    except (ImportError, TypeError, RuntimeError):  # pragma: no cover - older/odd torch
+        groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[int]]] = {}
+        for i, t in enumerate(tensors):
+            tl, il = groups.setdefault((t.device, t.dtype), ([], []))
+            tl.append(t)
+            il.append(i)
+        return groups
+
+
+def _foreach_ok(tensors: list[Tensor], device: torch.device, foreach: bool | None) -> bool:
+    from torch.utils._foreach_utils import _device_has_foreach_support, _has_foreach_support
+
+    if foreach is None:
+        return _has_foreach_support(tensors, device)
+    if foreach and not _device_has_foreach_support(device):
+        raise RuntimeError(
+            f"foreach=True was passed, but can't use the foreach API on {device.type} tensors"
+        )
+    return bool(foreach)
+
+
+def _accum_dtype(dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype norms of ``dtype`` tensors are accumulated in (None: their own)."""
+    return torch.float32 if dtype in _LOW_PRECISION else None
+
+
+# --------------------------------------------------------------------------------------
+# DTensor support (lazy: torch.distributed may be absent or not initialised)
+# --------------------------------------------------------------------------------------
+
+
+def _dtensor_type() -> type | None:
+    if not torch.distributed.is_available():
+        return None
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch < 2.5
+        try:
+            from torch.distributed._tensor import DTensor
+        except ImportError:
+            return None
+    return DTensor
+
+
+@dataclass(frozen=True)
+class _ShardInfo:
+    """Where a DTensor's local norms must be reduced: its mesh and the sharded mesh dims."""
+
+    mesh: object
+    mesh_dims: tuple[int, ...]
+    tensor_dims: tuple[int, ...]  # the tensor dim sharded along each of ``mesh_dims``
+
+
+def _localize(tensors: list[Tensor]) -> tuple[list[Tensor], dict[int, _ShardInfo]]:
+    """Replace DTensors by their local shards; say which need a cross-rank reduction."""
+    dtensor = _dtensor_type()
+    if dtensor is None or not any(isinstance(t, dtensor) for t in tensors):
+        return tensors, {}
+    local: list[Tensor] = []
+    shards: dict[int, _ShardInfo] = {}
+    for i, t in enumerate(tensors):
+        if not isinstance(t, dtensor):
+            local.append(t)
+            continue
+        if any(pl.is_partial() for pl in t.placements):
+            # A pending sum: the norm of the sum is not a function of the local norms.
+            from torch.distributed.tensor import Replicate
+
+            t = t.redistribute(
+                t.device_mesh,
+                [Replicate() if pl.is_partial() else pl for pl in t.placements],
+            )
+        dims = tuple(d for d, pl in enumerate(t.placements) if pl.is_shard())
+        if dims:
+            shards[i] = _ShardInfo(
+                t.device_mesh, dims, tuple(t.placements[d].dim for d in dims)
+            )
+        local.append(t.to_local())
+    return local, shards
+
+
+def _power(norms: Tensor, p: float) -> Tensor:
+    if math.isinf(p):
+        return norms
+    if p == 1.0:
+        return norms
+    if p == 2.0:
+        return norms * norms
+    return norms.pow(p)
+
+
+def _root(powers: Tensor, p: float) -> Tensor:
+    if math.isinf(p) or p == 1.0:
+        return powers
+    if p == 2.0:
+        return powers.sqrt()
+    return powers.pow(1.0 / p)
+
+
+def _all_reduce(t: Tensor, p: float, group: object) -> None:
+    import torch.distributed as dist
+
+    op = dist.ReduceOp.MAX if math.isinf(p) else dist.ReduceOp.SUM
+    dist.all_reduce(t, op=op, group=group)
+
+
+def _reduce_shard_norms(norms: Tensor, shards: dict[int, _ShardInfo], p: float) -> Tensor:
+    """Combine local shard norms into full-tensor norms: one collective per mesh dim group."""
+    by_key: dict[tuple[int, tuple[int, ...]], list[int]] = {}
+    meshes: dict[tuple[int, tuple[int, ...]], _ShardInfo] = {}
+    for i, info in shards.items():
+        key = (id(info.mesh), info.mesh_dims)
+        by_key.setdefault(key, []).append(i)
+        meshes[key] = info
+    entries = list(norms.unbind(0))
+    for key, idx in by_key.items():
+        info = meshes[key]
+        # Python-int indexing and stack only: an index tensor would need a host->device copy.
+        powers = _power(torch.stack([entries[i] for i in idx]), p)
+        for d in info.mesh_dims:
+            _all_reduce(powers, p, info.mesh.get_group(d))
+        for i, v in zip(idx, _root(powers, p).unbind(0), strict=True):
+            entries[i] = v
+    return torch.stack(entries)
+
+
+# --------------------------------------------------------------------------------------
+# Per-tensor and total norms
+# --------------------------------------------------------------------------------------
+
+
+def _local_norms(
+    tensors: list[Tensor], p: float, foreach: bool | None, device: torch.device
+) -> Tensor:
+    """Norms of each tensor (local data only), fp32 (fp64 if any input is fp64), in order."""
+    grouped = _group_by_device_and_dtype(tensors)
+    out_dtype = torch.float64 if any(dt == torch.float64 for _, dt in grouped) else torch.float32
+    if len(grouped) == 1:
+        ((dev, dtype), (group, _)) = next(iter(grouped.items()))
+        norms = _group_norms(group, p, foreach, dev, dtype)
+        return torch.stack(norms).to(device=device, dtype=out_dtype)
+    ordered: list[Tensor | None] = [None] * len(tensors)
+    for (dev, dtype), (group, idx) in grouped.items():
+        # One stack and one transfer per group, then views for reordering.
+        stacked = torch.stack(_group_norms(group, p, foreach, dev, dtype))
+        for i, n in zip(idx, stacked.to(device=device, dtype=out_dtype).unbind(0), strict=True):
+            ordered[i] = n
+    return torch.stack(ordered)  # type: ignore[arg-type]
+
+
+def _group_norms(
+    group: list[Tensor], p: float, foreach: bool | None, device: torch.device, dtype: torch.dtype
+) -> list[Tensor]:
+    acc = _accum_dtype(dtype)
+    if _foreach_ok(group, device, foreach):
+        if acc is None:
+            return list(torch._foreach_norm(group, p))
+        return list(torch._foreach_norm(group, p, dtype=acc))
+    return [torch.linalg.vector_norm(t, p, dtype=acc) for t in group]
+
+
+@torch.no_grad()
+def tensor_norms(
+    tensors: TensorOrTensors,
+    norm_type: float = 2.0,
+    *,
+    foreach: bool | None = None,
+) -> Tensor:
+    """The p-norm of each tensor, as one vector.
+
+    Low-precision tensors are accumulated in fp32; DTensor shards are combined into the
+    norm of the full tensor (one all-reduce per mesh), so the result is always a plain
+    tensor.
+
+    Args:
+        tensors: a Tensor or an iterable of Tensors (e.g. gradients).
+        norm_type: the order p (``inf`` for the max-abs norm).
+        foreach: use ``torch._foreach_norm`` (``None``: where supported).
+
+    Returns:
+        A 1-D fp32 tensor (fp64 if any input is fp64) on the first tensor's device, one
+        entry per input tensor in input order; empty if there are no tensors.
+
+    Example:
+        >>> import torch, gradguard as gg
+        >>> gg.tensor_norms([torch.ones(4), torch.full((2,), 3.0)])
+        tensor([2.0000, 4.2426])
+    """
+    p = validate_norm_type(norm_type)
+    tensors = as_tensor_list(tensors, "tensors")
+    if not tensors:
+        return torch.zeros(0)
+    for i, t in enumerate(tensors):
+        _check_floating(t, f"tensors[{i}]")
+    local, shards = _localize(tensors)
+    device = local[0].device
+    norms = _local_norms(local, p, foreach, device)
+    if shards:
+        norms = _reduce_shard_norms(norms, shards, p)
+    return norms
+
+
+@torch.no_grad()
+def total_norm(
+    norms: Tensor, norm_type: float = 2.0, *, process_group: object | None = None
+) -> Tensor:
+    """The norm of all tensors viewed as one vector, from their per-tensor norms.
+
+    Args:
+        norms: per-tensor norms, as returned by :func:`tensor_norms`.
+        norm_type: the order p used for ``norms``.
+        process_group: if given, the total is also reduced over this group, for ranks that
+            hold disjoint parameters (pipeline stages): the result is the norm over all of
+            them, identical on every rank.
+
+    Returns:
+        A 0-d tensor on ``norms``' device.
+    """
+    p = validate_norm_type(norm_type)
+    if norms.numel() == 0:
+        total = torch.zeros((), dtype=norms.dtype, device=norms.device)
+    else:
+        total = torch.linalg.vector_norm(norms, p)
+    if process_group is not None:
+        powers = _power(total, p).reshape(1).contiguous()
+        _all_reduce(powers, p, process_group)
+        total = _root(powers, p).reshape(())
+    return total
+
+
+def grad_norms(
+    parameters: TensorOrTensors,
+    norm_type: float = 2.0,
+    *,
+    foreach: bool | None = None,
+) -> tuple[list[Tensor], Tensor]:
+    """The gradients of ``parameters`` and their per-tensor norms.
+
+    Args:
+        parameters: a Tensor, an iterable of Tensors, or ``model.parameters()``.
+        norm_type: the order p.
+        foreach: use the foreach kernels (``None``: where supported).
+
+    Returns:
+        ``(grads, norms)``: the non-``None`` gradients and a vector of their norms.
+    """
+    grads = get_grads(parameters)
+    return grads, tensor_norms(grads, norm_type, foreach=foreach)
+
+
+@torch.no_grad()
+def get_total_norm(
+    tensors: TensorOrTensors,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+    *,
+    process_group: object | None = None,
+) -> Tensor:
+    """The norm of ``tensors`` viewed as one vector (like ``torch.nn.utils.get_total_norm``).
+
+    Unlike torch, fp16/bf16 tensors are accumulated in fp32, so a finite input never gives
+    an infinite norm; DTensors give the norm of the full tensor as a plain tensor.
+
+    Args:
+        tensors: a Tensor or an iterable of Tensors (e.g. ``[p.grad for p in ...]``).
+        norm_type: the order p (``inf`` for the max-abs norm).
+        error_if_nonfinite: raise if the norm is NaN or infinite. This reads the norm on
+            the host: one device synchronisation.
+        foreach: use the foreach kernels (``None``: where supported).
+        process_group: reduce the total over this group (disjoint parameters per rank).
+
+    Returns:
+        A 0-d fp32 tensor (fp64 for fp64 inputs); ``tensor(0.)`` for no tensors.
+
+    Raises:
+        RuntimeError: if ``error_if_nonfinite`` and the norm is not finite.
+    """
+    tensors = as_tensor_list(tensors, "tensors")
+    total = total_norm(tensor_norms(tensors, norm_type, foreach=foreach), norm_type,
+                       process_group=process_group)
+    if error_if_nonfinite:
+        raise_if_nonfinite(total, norm_type)
+    return total
+
+
+def raise_if_nonfinite(total: Tensor, norm_type: float) -> None:
+    """Raise torch's error for a non-finite total norm (a host read: one sync)."""
+    if not bool(torch.isfinite(total)):
+        raise RuntimeError(
+            f"The total norm of order {float(norm_type)} for gradients from `parameters` is "
+            "non-finite, so it cannot be clipped. To disable this error and scale the "
+            "gradients by the non-finite norm anyway, set `error_if_nonfinite=False`"
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Unit-wise norms (AGC)
+# --------------------------------------------------------------------------------------
+
+
+def _unit_dims(t: Tensor) -> tuple[int, ...] | None:
+    """Dims reduced for a unit-wise norm: all but dim 0, or None for one-unit tensors."""
+    return tuple(range(1, t.ndim)) if t.ndim >= 2 else None
+
+
+def unit_shape(t: Tensor) -> tuple[int, ...]:
+    """The shape of ``t``'s unit-wise norms, broadcastable against ``t``.
+
+    PyTorch layout: dim 0 is the output unit of Linear/Conv weights (and the row of an
+    Embedding), so a ``(out, in, kh, kw)`` tensor has norms of shape ``(out, 1, 1, 1)``;
+    vectors (biases, gains) and scalars are a single unit.
+    """
+    if t.ndim >= 2:
+        return (t.shape[0],) + (1,) * (t.ndim - 1)
+    return (1,) * t.ndim
+
+
+def _num_units(t: Tensor) -> int:
+    return t.shape[0] if t.ndim >= 2 else 1
+
+
+@torch.no_grad()
+def unit_norms_flat(tensors: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
+    """Unit-wise norms of all tensors, concatenated in input order (fp32 accumulation).
+
+    All tensors must be on one device. Small tensors are reduced in batches of equal unit
+    size, vectors and scalars with one foreach call, large tensors one kernel each: the
+    cost is a few kernel launches, not a Python loop of temporaries.
+
+    Args:
+        tensors: tensors on one device.
+        norm_type: the order p.
+
+    Returns:
+        A 1-D fp32 (fp64 for fp64 inputs) vector of ``sum(num_units(t))`` entries, tensor
+        by tensor, unit by unit.
+    """
+    p = validate_norm_type(norm_type)
+    n = len(tensors)
+    if n == 0:
+        return torch.zeros(0)
+    out_dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    pieces: list[Tensor | None] = [None] * n
+    whole: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    batched: dict[tuple[torch.device, torch.dtype, int], list[int]] = {}
+    for i, t in enumerate(tensors):
+        if t.numel() == 0:
+            pieces[i] = torch.zeros(_num_units(t), dtype=out_dtype, device=t.device)
+        elif t.ndim < 2:
+            whole.setdefault((t.device, t.dtype), []).append(i)
+        elif t.numel() < _UNIT_BATCH_MAX_NUMEL:
+            batched.setdefault((t.device, t.dtype, t.numel() // t.shape[0]), []).append(i)
+        else:
+            pieces[i] = torch.linalg.vector_norm(
+                t, p, dim=_unit_dims(t), dtype=_accum_dtype(t.dtype) or t.dtype
+            ).to(out_dtype)
+    for (dev, dtype), idx in whole.items():
+        group = [tensors[i] for i in idx]
+        norms = torch.stack(_group_norms(group, p, None, dev, dtype)).to(out_dtype)
+        for i, v in zip(idx, norms.split(1), strict=True):
+            pieces[i] = v
+    for (_, dtype, unit), idx in batched.items():
+        rows = torch.cat([tensors[i].reshape(-1, unit) for i in idx])
+        norms = torch.linalg.vector_norm(rows, p, dim=1, dtype=_accum_dtype(dtype) or dtype)
+        sizes = [tensors[i].shape[0] for i in idx]
+        for i, v in zip(idx, norms.to(out_dtype).split(sizes), strict=True):
+            pieces[i] = v
+    return torch.cat(pieces)  # type: ignore[arg-type]
+
+
+@torch.no_grad()
+def unit_norms(tensors: TensorOrTensors, norm_type: float = 2.0) -> list[Tensor]:
+    """Unit-wise norms of each tensor, shaped to broadcast against it (see :func:`unit_shape`).
+
+    Args:
+        tensors: a Tensor or an iterable of Tensors, on one device.
+        norm_type: the order p.
+
+    Returns:
+        One tensor per input, of shape ``unit_shape(t)``, fp32 accumulated.
+
+    Example:
+        >>> import torch, gradguard as gg
+        >>> w = torch.tensor([[3.0, 4.0], [0.0, 1.0]])
+        >>> gg.unit_norms(w)[0].flatten()
+        tensor([5., 1.])
+    """
+    tensors = as_tensor_list(tensors, "tensors")
+    for i, t in enumerate(tensors):
+        _check_floating(t, f"tensors[{i}]")
+    flat = unit_norms_flat(tensors, norm_type)
+    return split_units(flat, tensors)
+
+
+def split_units(flat: Tensor, tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Split a concatenated unit vector into per-tensor views shaped by :func:`unit_shape`."""
+    sizes = [_num_units(t) for t in tensors]
+    return [v.view(unit_shape(t)) for v, t in zip(flat.split(sizes), tensors, strict=True)]
