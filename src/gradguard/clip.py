@@ -371,36 +371,55 @@ def clip_grad_agc_(
     for idx in _group_by_device(local_g).values():
         g = [local_g[i] for i in idx]
         w = [local_p[i] for i in idx]
-        g_units = _unit_norms_full(g, [shard_g.get(i) for i in idx])
-        w_units = _unit_norms_full(w, [shard_g.get(i) for i in idx])
+        shards = [shard_g.get(i) for i in idx]
+        g_local = _norms.unit_norms_flat(g)
+        g_units = _complete_units(g_local, g, shards)
+        w_units = _complete_units(_norms.unit_norms_flat(w), w, shards)
         max_norm = w_units.clamp_min(eps) * clipping
         coef = torch.where(g_units > max_norm, max_norm / g_units, 1.0)
-        totals.append(torch.linalg.vector_norm(g_units).reshape(1))
+        totals.append(_total_from_units(g_local, g, shards))
         _scale_units_(g, coef)
     device = local_g[0].device
     return torch.linalg.vector_norm(torch.cat([t.to(device) for t in totals]))
 
 
-def _unit_norms_full(
-    local: list[Tensor], shards: list[_norms._ShardInfo | None]
+def _total_from_units(
+    local_units: Tensor, local: list[Tensor], shards: list[_norms._ShardInfo | None]
 ) -> Tensor:
-    """Unit norms of local tensors; units split across ranks are completed by a reduction.
+    """The L2 norm of all gradients from their local unit norms (1-element tensor)."""
+    if not any(s is not None for s in shards):
+        return torch.linalg.vector_norm(local_units).reshape(1)
+    sizes = [_norms._num_units(t) for t in local]
+    per_tensor = torch.stack([torch.linalg.vector_norm(u) for u in local_units.split(sizes)])
+    full = _norms._reduce_shard_norms(
+        per_tensor, {k: s for k, s in enumerate(shards) if s is not None}, 2.0
+    )
+    return torch.linalg.vector_norm(full).reshape(1)
+
+
+def _complete_units(
+    flat: Tensor, local: list[Tensor], shards: list[_norms._ShardInfo | None]
+) -> Tensor:
+    """Complete local unit norms of DTensor shards into norms of whole units.
 
     Units are rows along dim 0, so a DTensor sharded on dim 0 (FSDP2) holds whole units and
     needs nothing; vectors, or weights sharded along another dim, need their partial
     squared norms summed over the sharded mesh dims.
     """
-    flat = _norms.unit_norms_flat(local)
     if not any(s is not None for s in shards):
         return flat
-    pieces = list(flat.split([t.shape[0] if t.ndim >= 2 else 1 for t in local]))
+    pieces = list(flat.split([_norms._num_units(t) for t in local]))
     for k, (t, info) in enumerate(zip(local, shards, strict=True)):
         if info is None:
             continue
+        dims = [
+            d for d, td in zip(info.mesh_dims, info.tensor_dims, strict=True)
+            if t.ndim < 2 or td != 0  # rows sharded along dim 0 are whole on each rank
+        ]
+        if not dims:
+            continue
         sq = pieces[k] * pieces[k]
-        for d, tensor_dim in zip(info.mesh_dims, info.tensor_dims, strict=True):
-            if t.ndim >= 2 and tensor_dim == 0:
-                continue  # whole units live on each rank
+        for d in dims:
             _norms._all_reduce(sq, 2.0, info.mesh.get_group(d))
         pieces[k] = sq.sqrt()
     return torch.cat(pieces)
@@ -408,7 +427,7 @@ def _unit_norms_full(
 
 def _scale_units_(grads: list[Tensor], coef: Tensor) -> None:
     """Multiply each gradient unit by its coefficient; on CPU only tensors with a clip."""
-    sizes = [g.shape[0] if g.ndim >= 2 else 1 for g in grads]
+    sizes = [_norms._num_units(g) for g in grads]
     if coef.device.type == "cpu":
         clipped = torch.segment_reduce(
             (coef < 1).to(torch.float32), "max", lengths=torch.tensor(sizes)

@@ -1,0 +1,8 @@
+import sys
+from pathlib import Path
+
+import torch
+
+# Tests import helpers from this folder (dist_utils); spawned workers need it on the path too.
+sys.path.insert(0, str(Path(__file__).parent))
+torch.set_flush_denormal(True)

@@ -1,0 +1,277 @@
+"""The norm engine: exact against torch/fp64 references, fp32 accumulation, DTensor, no sync."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import gradguard as gg
+from gradguard import norms
+
+SHAPES = [(7,), (3, 5), (4, 3, 2, 2), (), (1, 1), (64, 33)]
+NORM_TYPES = [1.0, 2.0, 3.0, math.inf]
+
+
+def _tensors(shapes=SHAPES, dtype=torch.float32, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g, dtype=torch.float64).mul(scale).to(dtype) for s in shapes]
+
+
+@pytest.mark.parametrize("p", NORM_TYPES)
+@pytest.mark.parametrize("foreach", [None, False])
+def test_total_norm_equals_torch_fp32(p, foreach):
+    ts = _tensors()
+    ours = gg.get_total_norm(ts, p, foreach=foreach)
+    theirs = torch.nn.utils.get_total_norm(ts, p, foreach=foreach)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("p", NORM_TYPES)
+def test_tensor_norms_order_and_values(p):
+    ts = _tensors()
+    got = gg.tensor_norms(ts, p)
+    want = torch.stack([torch.linalg.vector_norm(t, p) for t in ts])
+    torch.testing.assert_close(got, want)
+
+
+def test_mixed_dtypes_keep_input_order():
+    ts = [torch.ones(4), torch.ones(9, dtype=torch.float16), torch.ones(16, dtype=torch.bfloat16),
+          torch.ones(25)]
+    got = gg.tensor_norms(ts)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, torch.tensor([2.0, 3.0, 4.0, 5.0]))
+
+
+def test_fp64_inputs_give_fp64():
+    ts = [torch.ones(4, dtype=torch.float64), torch.ones(9)]
+    assert gg.tensor_norms(ts).dtype == torch.float64
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("p", NORM_TYPES)
+def test_low_precision_large_values_finite_and_accurate(dtype, p):
+    # Entries near the top of fp16's range: every square overflows fp16.
+    g = torch.Generator().manual_seed(1)
+    ts = [(torch.rand(s, generator=g) * 6e4 + 100).to(dtype) for s in [(65536,), (300, 7), (5,)]]
+    got = gg.get_total_norm(ts, p)
+    ref = torch.linalg.vector_norm(torch.cat([t.double().flatten() for t in ts]), p)
+    assert torch.isfinite(got)
+    assert got.dtype == torch.float32
+    assert abs(got.double().item() - ref.item()) <= 1e-3 * ref.item()
+
+
+def test_issue_example_fp16_norm_76800():
+    g = torch.full((65536,), 300.0, dtype=torch.float16)
+    assert torch.isinf(torch.nn.utils.get_total_norm([g]))  # the defect we fix
+    got = gg.get_total_norm([g]).item()
+    assert abs(got - 76800.0) <= 1e-3 * 76800.0
+
+
+def test_nonfinite_propagates():
+    ts = [torch.ones(3), torch.tensor([1.0, float("nan")]), torch.ones(2)]
+    n = gg.tensor_norms(ts)
+    assert torch.isfinite(n[0]) and torch.isnan(n[1]) and torch.isfinite(n[2])
+    assert torch.isnan(gg.total_norm(n))
+    with pytest.raises(RuntimeError, match="non-finite"):
+        gg.get_total_norm(ts, error_if_nonfinite=True)
+    inf = [torch.tensor([float("inf"), 1.0])]
+    assert torch.isinf(gg.get_total_norm(inf))
+
+
+def test_empty_and_none_grads():
+    assert gg.get_total_norm([]).item() == 0.0
+    assert gg.tensor_norms([]).numel() == 0
+    a = torch.nn.Parameter(torch.ones(3))
+    b = torch.nn.Parameter(torch.ones(2))
+    b.grad = torch.full((2,), 2.0)
+    grads, n = norms.grad_norms([a, b])
+    assert len(grads) == 1
+    torch.testing.assert_close(n, torch.tensor([math.sqrt(8.0)]))
+
+
+def test_accepts_generator_and_single_tensor():
+    model = torch.nn.Linear(3, 2)
+    model(torch.ones(1, 3)).sum().backward()
+    _, n = norms.grad_norms(model.parameters())
+    assert n.shape == (2,)
+    assert gg.tensor_norms(torch.ones(4)).item() == 2.0
+
+
+@pytest.mark.parametrize("bad", ["two", None, [1, 2]])
+def test_norm_type_must_be_a_number(bad):
+    with pytest.raises(TypeError, match="norm_type"):
+        gg.get_total_norm([torch.ones(2)], bad)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), -math.inf])
+def test_norm_type_must_be_positive(bad):
+    with pytest.raises(ValueError, match="norm_type"):
+        gg.get_total_norm([torch.ones(2)], bad)
+
+
+def test_norm_type_string_inf_like_torch():
+    assert gg.get_total_norm([torch.tensor([3.0, -4.0])], "inf").item() == 4.0
+
+
+def test_rejects_integer_and_sparse_and_non_tensors():
+    with pytest.raises(TypeError, match="dtype"):
+        gg.tensor_norms([torch.ones(3, dtype=torch.int64)])
+    p = torch.nn.Parameter(torch.ones(3, 2))
+    p.grad = torch.ones(3, 2).to_sparse()
+    with pytest.raises(TypeError, match=r"sparse|layout"):
+        norms.get_grads([p])
+    with pytest.raises(TypeError, match="parameters"):
+        norms.get_grads(3)
+    with pytest.raises(TypeError, match=r"parameters\[1\]"):
+        norms.get_grads([p, "x"])
+
+
+# ----- unit-wise norms (AGC) -----------------------------------------------------------
+
+def _ref_unit_norms(t):
+    if t.ndim <= 1:
+        return torch.linalg.vector_norm(t.double()).reshape((1,) * t.ndim)
+    return torch.linalg.vector_norm(t.double(), dim=tuple(range(1, t.ndim)), keepdim=True)
+
+
+@pytest.mark.parametrize("big", [False, True])
+def test_unit_norms_pytorch_layout(big):
+    n = 300 if big else 3  # big tensors take the per-tensor path, small ones are batched
+    shapes = [(n, 400), (8, 3, 3, 3), (n,), (), (50, 16), (7, 400), (0, 4)]
+    ts = _tensors(shapes)
+    got = gg.unit_norms(ts)
+    for t, u in zip(ts, got, strict=True):
+        assert u.shape == norms.unit_shape(t)
+        torch.testing.assert_close(u.double(), _ref_unit_norms(t), rtol=1e-5, atol=1e-6)
+
+
+def test_unit_norms_embedding_rows_are_units():
+    emb = torch.nn.Embedding(10, 4)
+    u = gg.unit_norms([emb.weight])[0]
+    assert u.shape == (10, 1)
+    torch.testing.assert_close(u.flatten(), emb.weight.detach().norm(dim=1))
+
+
+def test_unit_norms_low_precision_accumulate_fp32():
+    t = torch.full((2, 65536), 300.0, dtype=torch.float16)
+    u = gg.unit_norms([t])[0]
+    assert u.dtype == torch.float32
+    torch.testing.assert_close(u.flatten(), torch.full((2,), 76800.0), rtol=1e-3, atol=0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shapes=st.lists(
+        st.lists(st.integers(1, 6), min_size=0, max_size=4).map(tuple), min_size=1, max_size=6
+    ),
+    p=st.sampled_from(NORM_TYPES),
+    seed=st.integers(0, 10_000),
+)
+def test_total_is_norm_of_concatenation(shapes, p, seed):
+    ts = _tensors(shapes, seed=seed)
+    got = gg.get_total_norm(ts, p).double()
+    ref = torch.linalg.vector_norm(torch.cat([t.double().flatten() for t in ts]), p)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+# ----- no host synchronisation ---------------------------------------------------------
+
+def test_norm_engine_is_sync_free_on_fake_cuda():
+    with FakeTensorMode():
+        ts = [torch.randn(s, device="cuda") for s in [(300, 400), (8, 3, 3, 3), (5,), (4, 4)]]
+        half = [torch.randn(10, 10, device="cuda", dtype=torch.float16)]
+        for p in NORM_TYPES:
+            n = gg.tensor_norms(ts + half, p)
+            assert n.device.type == "cuda" and n.shape == (5,)
+            t = gg.total_norm(n, p)
+            assert t.device.type == "cuda"
+            gg.get_total_norm(ts, p)
+        units = gg.unit_norms(ts)
+        assert units[0].shape == (300, 1)
+
+
+# ----- DTensor / FSDP2 -----------------------------------------------------------------
+
+def _fsdp2_norms(rank, world):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(9, 17), torch.nn.Tanh(), torch.nn.Linear(17, 5), torch.nn.Linear(5, 3)
+    )
+    full = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = torch.randn(8, 9)
+    fully_shard(model[0])
+    fully_shard(model)
+    model(x).pow(2).sum().backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(type(g).__name__ == "DTensor" for g in grads)
+    out = {}
+    for p in NORM_TYPES:
+        t = gg.get_total_norm(grads, p)
+        assert type(t) is torch.Tensor
+        out[p] = (t.item(), gg.tensor_norms(grads, p).tolist())
+    out["full_grads"] = [g.full_tensor().tolist() for g in grads]
+    out["params"] = {k: v.tolist() for k, v in full.items()}
+    dist.barrier()
+    return out
+
+
+@pytest.mark.slow
+def test_fsdp2_total_norm_equals_single_process():
+    from dist_utils import run_distributed
+
+    r0, r1 = run_distributed(_fsdp2_norms, 2)
+    full = [torch.tensor(g) for g in r0["full_grads"]]
+    for p in NORM_TYPES:
+        assert r0[p][0] == pytest.approx(r1[p][0])  # same plain-tensor answer on every rank
+        assert r0[p][1] == pytest.approx(r1[p][1])
+        ref_total = torch.linalg.vector_norm(torch.cat([g.flatten() for g in full]), p).item()
+        assert r0[p][0] == pytest.approx(ref_total, rel=1e-6)
+        ref_each = [torch.linalg.vector_norm(g, p).item() for g in full]
+        assert r0[p][1] == pytest.approx(ref_each, rel=1e-6)
+
+
+def _pipeline_norm(rank, world):
+    import torch.distributed as dist
+
+    g = torch.Generator().manual_seed(rank)
+    local = [torch.randn(5, 3, generator=g), torch.randn(4, generator=g)]
+    res = {p: gg.get_total_norm(local, p, process_group=dist.group.WORLD).item()
+           for p in NORM_TYPES}
+    res["local"] = [t.tolist() for t in local]
+    return res
+
+
+@pytest.mark.slow
+def test_process_group_reduces_total_over_disjoint_stages():
+    from dist_utils import run_distributed
+
+    r0, r1 = run_distributed(_pipeline_norm, 2)
+    everything = torch.cat([torch.tensor(t).flatten() for r in (r0, r1) for t in r["local"]])
+    for p in NORM_TYPES:
+        ref = torch.linalg.vector_norm(everything, p).item()
+        assert r0[p] == pytest.approx(ref, rel=1e-6)
+        assert r1[p] == pytest.approx(ref, rel=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_sync_debug_mode():
+    ts = [torch.randn(s, device="cuda") for s in [(300, 400), (5,), (4, 4)]]
+    ts.append(torch.randn(10, 10, device="cuda", dtype=torch.float16))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for p in NORM_TYPES:
+            gg.get_total_norm(ts, p)
+        gg.unit_norms(ts)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
