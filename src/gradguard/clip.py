@@ -67,35 +67,6 @@ def check_threshold(value: object, name: str, *, positive: bool = False) -> floa
     return v
 
 
-def _all_cpu(tensors: Sequence[Tensor]) -> bool:
-    return all(t.device.type == "cpu" for t in tensors)
-
-
-def _group_by_device(tensors: Sequence[Tensor]) -> dict[torch.device, list[int]]:
-    groups: dict[torch.device, list[int]] = {}
-    for i, t in enumerate(tensors):
-        groups.setdefault(t.device, []).append(i)
-    return groups
-
-
-def _foreach_mul_(tensors: list[Tensor], coef: Tensor | list[Tensor], foreach: bool | None) -> None:
-    """In-place multiply, one foreach call per (device, dtype) group, loop fallback."""
-    if not tensors:
-        return
-    per_tensor = isinstance(coef, list)
-    grouped = _norms._group_by_device_and_dtype(tensors)
-    for (device, _), (group, idx) in grouped.items():
-        if per_tensor:
-            c: Tensor | list[Tensor] = [coef[i].to(device) for i in idx]  # type: ignore[index]
-        else:
-            c = coef.to(device)  # type: ignore[union-attr]
-        if _norms._foreach_ok(group, device, foreach):
-            torch._foreach_mul_(group, c)
-        else:
-            for k, g in enumerate(group):
-                g.mul_(c[k] if per_tensor else c)  # type: ignore[index]
-
-
 def scale_grads_(
     grads: Sequence[Tensor], coef: Tensor, *, foreach: bool | None = None
 ) -> None:
@@ -111,22 +82,7 @@ def scale_grads_(
         coef: the coefficients, ``<= 1``; NaN propagates like torch.
         foreach: use foreach kernels (``None``: where supported).
     """
-    grads = list(grads)
-    if not grads:
-        return
-    local, _ = _norms._localize(grads)
-    if coef.ndim == 0:
-        if coef.device.type == "cpu" and _all_cpu(local) and bool(coef >= 1):
-            return  # a free host read on CPU: nothing is clipped
-        _foreach_mul_(local, coef, foreach)
-        return
-    if coef.device.type == "cpu" and _all_cpu(local):
-        clipped = (~(coef >= 1)).tolist()
-        local = [g for g, c in zip(local, clipped, strict=True) if c]
-        coefs = [c for c, k in zip(coef.unbind(0), clipped, strict=True) if k]
-        _foreach_mul_(local, coefs, foreach)
-        return
-    _foreach_mul_(local, list(coef.unbind(0)), foreach)
+    _norms.TensorGroups(grads).mul_(coef, foreach)
 
 
 def clip_grads_with_norm_(
@@ -151,7 +107,7 @@ def clip_grads_with_norm_(
     max_norm = check_threshold(max_norm, "max_norm")
     grads = _norms.get_grads(parameters)
     coef = torch.clamp(max_norm / (total_norm + _NORM_EPS), max=1.0)
-    scale_grads_(grads, coef, foreach=foreach)
+    _norms.TensorGroups(grads).mul_(coef, foreach)
     return coef
 
 
@@ -204,13 +160,11 @@ def clip_grad_norm_(
     grads = _norms.get_grads(parameters)
     if not grads:
         return torch.tensor(0.0)
-    total = _norms.total_norm(
-        _norms.tensor_norms(grads, p, foreach=foreach), p, process_group=process_group
-    )
+    groups = _norms.TensorGroups(grads)
+    total = _norms.total_norm(groups.norms(p, foreach), p, process_group=process_group)
     if error_if_nonfinite:
         _norms.raise_if_nonfinite(total, p)
-    coef = torch.clamp(max_norm / (total + _NORM_EPS), max=1.0)
-    scale_grads_(grads, coef, foreach=foreach)
+    groups.mul_(torch.clamp(max_norm / (total + _NORM_EPS), max=1.0), foreach)
     return total
 
 
@@ -229,21 +183,11 @@ def clip_grad_value_(
         foreach: use foreach kernels (``None``: where supported).
     """
     clip_value = check_threshold(clip_value, "clip_value")
-    grads = _norms.get_grads(parameters)
-    if not grads:
-        return
-    local, _ = _norms._localize(grads)
-    for (device, _), (group, _) in _norms._group_by_device_and_dtype(local).items():
-        if _norms._foreach_ok(group, device, foreach):
-            torch._foreach_clamp_min_(group, -clip_value)
-            torch._foreach_clamp_max_(group, clip_value)
-        else:
-            for g in group:
-                g.clamp_(min=-clip_value, max=clip_value)
+    _norms.TensorGroups(_norms.get_grads(parameters)).clamp_(clip_value, foreach)
 
 
 def _coef_from_norms(limit: Tensor | float, norms: Tensor) -> Tensor:
-    """``min(1, limit / norm)`` without amplification: zero and NaN norms give 1 and NaN."""
+    """``min(1, limit / (norm + 1e-6))``: never amplifies; a NaN norm gives NaN, like torch."""
     return torch.clamp(limit / (norms + _NORM_EPS), max=1.0)
 
 
@@ -269,16 +213,17 @@ def clip_grad_norm_per_tensor_(
         per-tensor norms).
 
     References:
-        optax ``clip_by_global_norm`` applied per leaf; You et al. 2017 (LARS) motivate
-        layer-wise treatment.
+        optax ``clip_by_global_norm`` applied per leaf; You, Gitman & Ginsburg 2017, "Large
+        Batch Training of Convolutional Networks" (LARS) motivates layer-wise treatment.
     """
     max_norm = check_threshold(max_norm, "max_norm")
     p = _norms.validate_norm_type(norm_type)
     grads = _norms.get_grads(parameters)
     if not grads:
         return torch.tensor(0.0)
-    per_tensor = _norms.tensor_norms(grads, p, foreach=foreach)
-    scale_grads_(grads, _coef_from_norms(max_norm, per_tensor), foreach=foreach)
+    groups = _norms.TensorGroups(grads)
+    per_tensor = groups.norms(p, foreach)
+    groups.mul_(_coef_from_norms(max_norm, per_tensor), foreach)
     return _norms.total_norm(per_tensor, p)
 
 
@@ -305,7 +250,8 @@ def clip_grad_block_rms_(
     grads = _norms.get_grads(parameters)
     if not grads:
         return torch.tensor(0.0)
-    per_tensor = _norms.tensor_norms(grads, 2.0, foreach=foreach)
+    groups = _norms.TensorGroups(grads)
+    per_tensor = groups.norms(2.0, foreach)
     # numel of a DTensor is the global size, as the RMS of the full tensor needs. The
     # scalars travel as kernel arguments: no host->device copy.
     rms = torch.stack(
@@ -313,8 +259,7 @@ def clip_grad_block_rms_(
             list(per_tensor.unbind(0)), [1.0 / math.sqrt(max(g.numel(), 1)) for g in grads]
         )
     )
-    coef = 1.0 / torch.clamp(rms / threshold, min=1.0)
-    scale_grads_(grads, coef, foreach=foreach)
+    groups.mul_(1.0 / torch.clamp(rms / threshold, min=1.0), foreach)
     return _norms.total_norm(per_tensor, 2.0)
 
 
@@ -332,12 +277,12 @@ def clip_grad_agc_(
         G_i <- G_i * clipping * W*_i / ||G_i||   if ||G_i|| / W*_i > clipping
         G_i <- G_i                               otherwise
 
-    so a gradient is never amplified. All unit norms of gradients and parameters are
-    computed in a few batched kernels (not a per-parameter loop of temporaries) and the
-    gradients are scaled with one foreach multiply per (device, dtype) group.
+    so a gradient is never amplified. Unit norms of gradients and parameters are computed
+    per group of equal shapes (a few kernels, not a per-parameter loop of temporaries) and
+    the gradients are scaled with one foreach multiply per group.
 
-    The paper does not clip the final classifier layer; pass the parameters you want
-    clipped (e.g. all but ``model.fc``).
+    The paper does not clip the final classifier layer's weight; pass the parameters you
+    want clipped (e.g. all but ``model.fc.weight``).
 
     Args:
         parameters: a Tensor, an iterable of Tensors, or ``model.parameters()``. Their
@@ -361,82 +306,103 @@ def clip_grad_agc_(
     """
     clipping = check_threshold(clipping, "clipping", positive=True)
     eps = check_threshold(eps, "eps")
-    params = [p for p in _norms.as_tensor_list(parameters) if p.grad is not None]
-    grads = _norms.get_grads(params)
+    every = _norms.as_tensor_list(parameters)
+    grads = _norms.get_grads(every)
     if not grads:
         return torch.tensor(0.0)
-    local_g, shard_g = _norms._localize(grads)
-    local_p, _ = _norms._localize([p.detach() for p in params])
-    totals = []
-    for idx in _group_by_device(local_g).values():
-        g = [local_g[i] for i in idx]
-        w = [local_p[i] for i in idx]
-        shards = [shard_g.get(i) for i in idx]
-        g_local = _norms.unit_norms_flat(g)
-        g_units = _complete_units(g_local, g, shards)
-        w_units = _complete_units(_norms.unit_norms_flat(w), w, shards)
-        max_norm = w_units.clamp_min(eps) * clipping
-        coef = torch.where(g_units > max_norm, max_norm / g_units, 1.0)
-        totals.append(_total_from_units(g_local, g, shards))
-        _scale_units_(g, coef)
-    device = local_g[0].device
-    return torch.linalg.vector_norm(torch.cat([t.to(device) for t in totals]))
+    params = [p for p in every if p.grad is not None]
+    g_groups = _norms.TensorGroups(grads)
+    g_local = g_groups.local
+    w_local, _ = _norms._localize(params)  # read under no_grad: no detach needed
+    units = AgcUnits(g_local, g_groups.shards)
+    g_norms = units.norms(g_local)
+    w_norms = units.norms(w_local)
+    coefs = [
+        torch.where(gn > wn.clamp_min(eps) * clipping, wn.clamp_min(eps) * clipping / gn, 1.0)
+        for gn, wn in zip(g_norms, w_norms, strict=True)
+    ]
+    units.mul_(g_local, coefs)
+    return units.total(g_norms, g_groups.device)
 
 
-def _total_from_units(
-    local_units: Tensor, local: list[Tensor], shards: list[_norms._ShardInfo | None]
-) -> Tensor:
-    """The L2 norm of all gradients from their local unit norms (1-element tensor)."""
-    if not any(s is not None for s in shards):
-        return torch.linalg.vector_norm(local_units).reshape(1)
-    sizes = [_norms._num_units(t) for t in local]
-    per_tensor = torch.stack([torch.linalg.vector_norm(u) for u in local_units.split(sizes)])
-    full = _norms._reduce_shard_norms(
-        per_tensor, {k: s for k, s in enumerate(shards) if s is not None}, 2.0
-    )
-    return torch.linalg.vector_norm(full).reshape(1)
+class AgcUnits:
+    """Unit-wise norms and scaling of a fixed list of tensors, by groups of equal shapes.
 
+    Units are rows along dim 0 (PyTorch layout). DTensor shards are completed into whole
+    units where a unit is split across ranks (vectors, or weights sharded along a dim other
+    than 0); FSDP2 shards rows along dim 0, so its matrices need no communication.
 
-def _complete_units(
-    flat: Tensor, local: list[Tensor], shards: list[_norms._ShardInfo | None]
-) -> Tensor:
-    """Complete local unit norms of DTensor shards into norms of whole units.
-
-    Units are rows along dim 0, so a DTensor sharded on dim 0 (FSDP2) holds whole units and
-    needs nothing; vectors, or weights sharded along another dim, need their partial
-    squared norms summed over the sharded mesh dims.
+    Args:
+        local: the tensors (local shards for DTensors).
+        shards: which of them are DTensor shards, as from ``TensorGroups.shards``.
     """
-    if not any(s is not None for s in shards):
-        return flat
-    pieces = list(flat.split([_norms._num_units(t) for t in local]))
-    for k, (t, info) in enumerate(zip(local, shards, strict=True)):
-        if info is None:
-            continue
-        dims = [
-            d for d, td in zip(info.mesh_dims, info.tensor_dims, strict=True)
-            if t.ndim < 2 or td != 0  # rows sharded along dim 0 are whole on each rank
-        ]
-        if not dims:
-            continue
-        sq = pieces[k] * pieces[k]
-        for d in dims:
-            _norms._all_reduce(sq, 2.0, info.mesh.get_group(d))
-        pieces[k] = sq.sqrt()
-    return torch.cat(pieces)
 
+    def __init__(self, local: Sequence[Tensor], shards: dict[int, _norms._ShardInfo]) -> None:
+        self.groups = _norms.unit_groups(local)
+        self.shards = shards
+        self.ndims = [t.ndim for t in local]
+        self.all_cpu = all(t.device.type == "cpu" for t in local)
 
-def _scale_units_(grads: list[Tensor], coef: Tensor) -> None:
-    """Multiply each gradient unit by its coefficient; on CPU only tensors with a clip."""
-    sizes = [_norms._num_units(g) for g in grads]
-    if coef.device.type == "cpu":
-        clipped = torch.segment_reduce(
-            (coef < 1).to(torch.float32), "max", lengths=torch.tensor(sizes)
-        ).bool().tolist()
-        keep = [i for i, c in enumerate(clipped) if c]
-        if not keep:
-            return
-        pieces = coef.split(sizes)
-        sel = [grads[i] for i in keep]
-        _foreach_mul_(sel, [pieces[i].view(_norms.unit_shape(grads[i])) for i in keep], None)
-        return
-    _foreach_mul_(grads, _norms.split_units(coef, grads), None)
+    def norms(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """Stacked unit norms per group (whole units, fp32 accumulation)."""
+        norms = _norms.grouped_unit_norms(tensors, self.groups)
+        if self.shards:
+            norms = self._complete(norms, tensors)
+        return norms
+
+    def _complete(self, norms: list[Tensor], tensors: Sequence[Tensor]) -> list[Tensor]:
+        out = []
+        for idx, n in zip(self.groups, norms, strict=True):
+            rows = list(n.unbind(0))
+            for k, i in enumerate(idx):
+                info = self.shards.get(i)
+                if info is None:
+                    continue
+                dims = [
+                    d for d, td in zip(info.mesh_dims, info.tensor_dims, strict=True)
+                    if tensors[i].ndim < 2 or td != 0  # rows split along dim 0 stay whole
+                ]
+                if dims:
+                    sq = rows[k] * rows[k]
+                    for d in dims:
+                        _norms._all_reduce(sq, 2.0, info.mesh.get_group(d))
+                    rows[k] = sq.sqrt()
+            out.append(torch.stack(rows))
+        return out
+
+    def total(self, norms: list[Tensor], device: torch.device) -> Tensor:
+        """The L2 norm of all tensors from their (whole) unit norms."""
+        if not self.shards:
+            sq = [n.square().sum().reshape(1).to(device) for n in norms]
+            return torch.cat(sq).sum().sqrt()
+        per_tensor: list[Tensor | None] = [None] * len(self.ndims)
+        for idx, n in zip(self.groups, norms, strict=True):
+            for i, rows in zip(idx, n.unbind(0), strict=True):
+                per_tensor[i] = torch.linalg.vector_norm(rows).to(device)
+        # A matrix sharded by rows holds a subset of its units on each rank: sum over ranks.
+        row_sharded = {}
+        for i, info in self.shards.items():
+            dims = tuple(
+                d for d, td in zip(info.mesh_dims, info.tensor_dims, strict=True) if td == 0
+            )
+            if self.ndims[i] >= 2 and dims:
+                row_sharded[i] = _norms._ShardInfo(info.mesh, dims, (0,) * len(dims))
+        full = _norms._reduce_shard_norms(torch.stack(per_tensor), row_sharded, 2.0)  # type: ignore[arg-type]
+        return torch.linalg.vector_norm(full)
+
+    def mul_(self, tensors: Sequence[Tensor], coefs: list[Tensor]) -> None:
+        """Scale each unit by its coefficient; on CPU only the tensors with a clipped unit."""
+        sel_t: list[Tensor] = []
+        sel_c: list[Tensor] = []
+        for idx, c in zip(self.groups, coefs, strict=True):
+            rows = c.unbind(0)
+            if self.all_cpu:
+                clipped = (c < 1).reshape(len(idx), -1).any(dim=1).tolist()
+                idx_rows = [(i, r) for i, r, k in zip(idx, rows, clipped, strict=True) if k]
+            else:
+                idx_rows = list(zip(idx, rows, strict=True))
+            for i, r in idx_rows:
+                sel_t.append(tensors[i])
+                sel_c.append(r)
+        if sel_t:
+            _norms._mul_list_(sel_t, sel_c, None)

@@ -2,10 +2,11 @@
 
 Per-tensor norms are computed with one ``torch._foreach_norm`` call per (device, dtype)
 group, accumulated in fp32 for fp16/bf16 tensors so that finite gradients never give an
-infinite norm, and returned as one fp32 vector in the order of the input tensors. Total
-norms are the norm of that vector, exactly as in :func:`torch.nn.utils.get_total_norm`.
+infinite norm, and returned as one vector in the order of the input tensors. Total norms
+are the norm of that vector, exactly as in :func:`torch.nn.utils.get_total_norm`.
+Unit-wise norms (for AGC) are computed per group of equal shapes, a few kernels in all.
 
-Distributed tensors are handled here too, so no caller has to remember them:
+Distributed tensors are handled here, so no caller has to remember them:
 
 * A ``DTensor`` gradient (FSDP2 ``fully_shard``) contributes the norm of the *full*
   gradient: local shard norms are raised to the p-th power, all-reduced in one collective
@@ -22,6 +23,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Iterable, Sequence
@@ -31,6 +33,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "TensorGroups",
     "TensorOrTensors",
     "as_tensor_list",
     "get_grads",
@@ -39,16 +42,19 @@ __all__ = [
     "tensor_norms",
     "total_norm",
     "unit_norms",
+    "unit_shape",
     "validate_norm_type",
 ]
 
 TensorOrTensors = Tensor | Iterable[Tensor]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-# Tensors with at least this many elements get their unit-wise norms computed one by one
-# (the kernel time dwarfs Python overhead); smaller ones are concatenated per unit size
-# and reduced in one kernel, so thousands of small tensors cost a handful of calls.
+# Tensors with at least this many elements get their unit-wise norms one kernel each (the
+# kernel dwarfs the Python overhead); smaller ones are stacked by shape and reduced
+# together, at most this many elements per stack, so thousands of small tensors cost a
+# handful of calls and the temporary stays small.
 _UNIT_BATCH_MAX_NUMEL = 1 << 16
+_UNIT_STACK_MAX_NUMEL = 1 << 24
 
 
 # --------------------------------------------------------------------------------------
@@ -86,13 +92,25 @@ def as_tensor_list(tensors: TensorOrTensors, name: str = "parameters") -> list[T
 
 
 def _check_floating(t: Tensor, what: str) -> None:
-    if t.is_sparse or t.layout != torch.strided:
+    if t.layout != torch.strided:
         raise TypeError(
             f"{what} has layout {t.layout}; gradguard supports dense (strided) gradients only. "
             "Use dense gradients (e.g. nn.Embedding(..., sparse=False))."
         )
-    if not (t.is_floating_point() or t.is_complex()):
+    if not t.is_floating_point():
         raise TypeError(f"{what} has dtype {t.dtype}; gradients must be floating point")
+
+
+def _validate(tensors: list[Tensor], what: str) -> None:
+    # Cheap on the common path: one attribute per tensor and one check per dtype.
+    strided = torch.strided
+    for i, t in enumerate(tensors):
+        if t.layout != strided:
+            _check_floating(t, what.format(i))
+    for dtype in {t.dtype for t in tensors}:
+        if not dtype.is_floating_point:
+            i = next(i for i, t in enumerate(tensors) if t.dtype == dtype)
+            _check_floating(tensors[i], what.format(i))
 
 
 def get_grads(parameters: TensorOrTensors, name: str = "parameters") -> list[Tensor]:
@@ -109,13 +127,13 @@ def get_grads(parameters: TensorOrTensors, name: str = "parameters") -> list[Ten
         TypeError: on sparse or non-floating gradients.
     """
     params = as_tensor_list(parameters, name)
-    grads = []
-    for i, p in enumerate(params):
-        g = p.grad
-        if g is None:
-            continue
-        _check_floating(g, f"{name}[{i}].grad")
-        grads.append(g)
+    grads = [p.grad for p in params if p.grad is not None]
+    if len(grads) == len(params):
+        _validate(grads, name + "[{}].grad")
+    else:  # name the parameter by its own index, not its index among the gradients
+        for i, p in enumerate(params):
+            if p.grad is not None:
+                _check_floating(p.grad, f"{name}[{i}].grad")
     return grads
 
 
@@ -143,13 +161,13 @@ def validate_norm_type(norm_type: object) -> float:
 
 
 # --------------------------------------------------------------------------------------
-# Grouping
+# Grouping and foreach
 # --------------------------------------------------------------------------------------
 
+_Groups = dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[int]]]
 
-def _group_by_device_and_dtype(
-    tensors: list[Tensor],
-) -> dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[int]]]:
+
+def _group_by_device_and_dtype(tensors: list[Tensor]) -> _Groups:
     """Group tensors by (device, dtype), keeping their indices. Uses torch's C++ grouping."""
     try:
         from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
@@ -157,7 +175,7 @@ def _group_by_device_and_dtype(
         grouped = _group_tensors_by_device_and_dtype([tensors], with_indices=True)
         return {key: (lists[0], idx) for key, (lists, idx) in grouped.items()}
     except (ImportError, TypeError, RuntimeError):  # pragma: no cover - older/odd torch
-        groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[int]]] = {}
+        groups: _Groups = {}
         for i, t in enumerate(tensors):
             tl, il = groups.setdefault((t.device, t.dtype), ([], []))
             tl.append(t)
@@ -182,11 +200,28 @@ def _accum_dtype(dtype: torch.dtype) -> torch.dtype | None:
     return torch.float32 if dtype in _LOW_PRECISION else None
 
 
+def _norm_dtype(dtypes: Iterable[torch.dtype]) -> torch.dtype:
+    """fp32 for the norms of any mix of dtypes, fp64 as soon as one input is fp64."""
+    return torch.float64 if torch.float64 in set(dtypes) else torch.float32
+
+
+def _group_norms(
+    group: list[Tensor], p: float, foreach: bool | None, device: torch.device, dtype: torch.dtype
+) -> list[Tensor]:
+    acc = _accum_dtype(dtype)
+    if _foreach_ok(group, device, foreach):
+        if acc is None:
+            return list(torch._foreach_norm(group, p))
+        return list(torch._foreach_norm(group, p, dtype=acc))
+    return [torch.linalg.vector_norm(t, p, dtype=acc) for t in group]
+
+
 # --------------------------------------------------------------------------------------
 # DTensor support (lazy: torch.distributed may be absent or not initialised)
 # --------------------------------------------------------------------------------------
 
 
+@functools.cache
 def _dtensor_type() -> type | None:
     if not torch.distributed.is_available():
         return None
@@ -238,9 +273,7 @@ def _localize(tensors: list[Tensor]) -> tuple[list[Tensor], dict[int, _ShardInfo
 
 
 def _power(norms: Tensor, p: float) -> Tensor:
-    if math.isinf(p):
-        return norms
-    if p == 1.0:
+    if math.isinf(p) or p == 1.0:
         return norms
     if p == 2.0:
         return norms * norms
@@ -283,38 +316,109 @@ def _reduce_shard_norms(norms: Tensor, shards: dict[int, _ShardInfo], p: float) 
 
 
 # --------------------------------------------------------------------------------------
-# Per-tensor and total norms
+# Prepared tensors
 # --------------------------------------------------------------------------------------
 
 
-def _local_norms(
-    tensors: list[Tensor], p: float, foreach: bool | None, device: torch.device
-) -> Tensor:
-    """Norms of each tensor (local data only), fp32 (fp64 if any input is fp64), in order."""
-    grouped = _group_by_device_and_dtype(tensors)
-    out_dtype = torch.float64 if any(dt == torch.float64 for _, dt in grouped) else torch.float32
-    if len(grouped) == 1:
-        ((dev, dtype), (group, _)) = next(iter(grouped.items()))
-        norms = _group_norms(group, p, foreach, dev, dtype)
-        return torch.stack(norms).to(device=device, dtype=out_dtype)
-    ordered: list[Tensor | None] = [None] * len(tensors)
-    for (dev, dtype), (group, idx) in grouped.items():
-        # One stack and one transfer per group, then views for reordering.
-        stacked = torch.stack(_group_norms(group, p, foreach, dev, dtype))
-        for i, n in zip(idx, stacked.to(device=device, dtype=out_dtype).unbind(0), strict=True):
-            ordered[i] = n
-    return torch.stack(ordered)  # type: ignore[arg-type]
+class TensorGroups:
+    """Tensors prepared once for norms and in-place updates.
+
+    DTensors are replaced by their local shards (in-place updates of a shard update the
+    DTensor), tensors are grouped by (device, dtype) once, and every operation is one
+    foreach call per group. Build one per step (gradients may be new tensors each step).
+
+    Args:
+        tensors: validated floating-point tensors (e.g. from :func:`get_grads`).
+    """
+
+    def __init__(self, tensors: Sequence[Tensor]) -> None:
+        self.tensors = list(tensors)
+        self.local, self.shards = _localize(self.tensors)
+        self.groups = _group_by_device_and_dtype(self.local)
+        self.device = self.local[0].device if self.local else torch.device("cpu")
+        self.all_cpu = all(dev.type == "cpu" for dev, _ in self.groups)
+        self.norm_dtype = _norm_dtype(dt for _, dt in self.groups)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def norms(self, norm_type: float, foreach: bool | None = None) -> Tensor:
+        """Per-tensor norms of the full tensors, in input order, on :attr:`device`."""
+        p = norm_type
+        if not self.local:
+            return torch.zeros(0)
+        if len(self.groups) == 1:
+            ((dev, dtype), (group, _)) = next(iter(self.groups.items()))
+            norms = torch.stack(_group_norms(group, p, foreach, dev, dtype))
+            norms = norms.to(device=self.device, dtype=self.norm_dtype)
+        else:
+            ordered: list[Tensor | None] = [None] * len(self.local)
+            for (dev, dtype), (group, idx) in self.groups.items():
+                # One stack and one transfer per group, then views for reordering.
+                stacked = torch.stack(_group_norms(group, p, foreach, dev, dtype))
+                stacked = stacked.to(device=self.device, dtype=self.norm_dtype)
+                for i, n in zip(idx, stacked.unbind(0), strict=True):
+                    ordered[i] = n
+            norms = torch.stack(ordered)  # type: ignore[arg-type]
+        if self.shards:
+            norms = _reduce_shard_norms(norms, self.shards, p)
+        return norms
+
+    def mul_(self, coef: Tensor, foreach: bool | None = None) -> None:
+        """Multiply in place by a coefficient ``<= 1``: a 0-d tensor or one per tensor.
+
+        On CPU, tensors whose coefficient is not below 1 are left untouched (the multiply
+        would be the identity and the check is free there); on accelerators every tensor is
+        multiplied, branch-free, so that no device->host read is needed.
+        """
+        if not self.local:
+            return
+        if coef.ndim == 0:
+            if self.all_cpu and coef.device.type == "cpu" and bool(coef >= 1):
+                return
+            for (device, _), (group, _) in self.groups.items():
+                c = coef.to(device)
+                if _foreach_ok(group, device, foreach):
+                    torch._foreach_mul_(group, c)
+                else:
+                    for g in group:
+                        g.mul_(c)
+            return
+        coefs = list(coef.unbind(0))
+        if self.all_cpu and coef.device.type == "cpu":
+            keep = [i for i, c in enumerate((~(coef >= 1)).tolist()) if c]  # NaN: multiply
+            if not keep:
+                return
+            if len(keep) < len(self.local):
+                _mul_list_([self.local[i] for i in keep], [coefs[i] for i in keep], foreach)
+                return
+        _mul_list_(self.local, coefs, foreach)
+
+    def clamp_(self, value: float, foreach: bool | None = None) -> None:
+        """Clamp every entry to ``[-value, value]`` in place."""
+        for (device, _), (group, _) in self.groups.items():
+            if _foreach_ok(group, device, foreach):
+                torch._foreach_clamp_min_(group, -value)
+                torch._foreach_clamp_max_(group, value)
+            else:
+                for g in group:
+                    g.clamp_(min=-value, max=value)
 
 
-def _group_norms(
-    group: list[Tensor], p: float, foreach: bool | None, device: torch.device, dtype: torch.dtype
-) -> list[Tensor]:
-    acc = _accum_dtype(dtype)
-    if _foreach_ok(group, device, foreach):
-        if acc is None:
-            return list(torch._foreach_norm(group, p))
-        return list(torch._foreach_norm(group, p, dtype=acc))
-    return [torch.linalg.vector_norm(t, p, dtype=acc) for t in group]
+def _mul_list_(tensors: list[Tensor], coefs: list[Tensor], foreach: bool | None) -> None:
+    """``tensors[i] *= coefs[i]`` (broadcasting), one foreach call per (device, dtype)."""
+    for (device, _), (group, idx) in _group_by_device_and_dtype(tensors).items():
+        c = [coefs[i].to(device) for i in idx]
+        if _foreach_ok(group, device, foreach):
+            torch._foreach_mul_(group, c)
+        else:
+            for g, ci in zip(group, c, strict=True):
+                g.mul_(ci)
+
+
+# --------------------------------------------------------------------------------------
+# Per-tensor and total norms
+# --------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -346,16 +450,8 @@ def tensor_norms(
     """
     p = validate_norm_type(norm_type)
     tensors = as_tensor_list(tensors, "tensors")
-    if not tensors:
-        return torch.zeros(0)
-    for i, t in enumerate(tensors):
-        _check_floating(t, f"tensors[{i}]")
-    local, shards = _localize(tensors)
-    device = local[0].device
-    norms = _local_norms(local, p, foreach, device)
-    if shards:
-        norms = _reduce_shard_norms(norms, shards, p)
-    return norms
+    _validate(tensors, "tensors[{}]")
+    return TensorGroups(tensors).norms(p, foreach)
 
 
 @torch.no_grad()
@@ -402,8 +498,10 @@ def grad_norms(
     Returns:
         ``(grads, norms)``: the non-``None`` gradients and a vector of their norms.
     """
+    p = validate_norm_type(norm_type)
     grads = get_grads(parameters)
-    return grads, tensor_norms(grads, norm_type, foreach=foreach)
+    with torch.no_grad():
+        return grads, TensorGroups(grads).norms(p, foreach)
 
 
 @torch.no_grad()
@@ -434,9 +532,9 @@ def get_total_norm(
     Raises:
         RuntimeError: if ``error_if_nonfinite`` and the norm is not finite.
     """
-    tensors = as_tensor_list(tensors, "tensors")
-    total = total_norm(tensor_norms(tensors, norm_type, foreach=foreach), norm_type,
-                       process_group=process_group)
+    total = total_norm(
+        tensor_norms(tensors, norm_type, foreach=foreach), norm_type, process_group=process_group
+    )
     if error_if_nonfinite:
         raise_if_nonfinite(total, norm_type)
     return total
@@ -457,11 +555,6 @@ def raise_if_nonfinite(total: Tensor, norm_type: float) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def _unit_dims(t: Tensor) -> tuple[int, ...] | None:
-    """Dims reduced for a unit-wise norm: all but dim 0, or None for one-unit tensors."""
-    return tuple(range(1, t.ndim)) if t.ndim >= 2 else None
-
-
 def unit_shape(t: Tensor) -> tuple[int, ...]:
     """The shape of ``t``'s unit-wise norms, broadcastable against ``t``.
 
@@ -474,57 +567,72 @@ def unit_shape(t: Tensor) -> tuple[int, ...]:
     return (1,) * t.ndim
 
 
-def _num_units(t: Tensor) -> int:
+def num_units(t: Tensor) -> int:
+    """How many units ``t`` has: ``t.shape[0]`` for matrices and up, else 1."""
     return t.shape[0] if t.ndim >= 2 else 1
 
 
-@torch.no_grad()
-def unit_norms_flat(tensors: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
-    """Unit-wise norms of all tensors, concatenated in input order (fp32 accumulation).
+def unit_groups(tensors: Sequence[Tensor]) -> list[list[int]]:
+    """Partition tensor indices into groups whose unit norms are computed together.
 
-    All tensors must be on one device. Small tensors are reduced in batches of equal unit
-    size, vectors and scalars with one foreach call, large tensors one kernel each: the
-    cost is a few kernel launches, not a Python loop of temporaries.
-
-    Args:
-        tensors: tensors on one device.
-        norm_type: the order p.
-
-    Returns:
-        A 1-D fp32 (fp64 for fp64 inputs) vector of ``sum(num_units(t))`` entries, tensor
-        by tensor, unit by unit.
+    Small tensors of one (device, dtype, shape) are stacked (in chunks); vectors and
+    scalars of one (device, dtype, ndim) share a foreach call; large or empty tensors are
+    alone. The partition depends on shapes only, so gradients and their parameters (same
+    shapes) can share it.
     """
-    p = validate_norm_type(norm_type)
-    n = len(tensors)
-    if n == 0:
-        return torch.zeros(0)
-    out_dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-    pieces: list[Tensor | None] = [None] * n
-    whole: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    batched: dict[tuple[torch.device, torch.dtype, int], list[int]] = {}
+    keyed: dict[tuple, list[int]] = {}
+    chunk_numel: dict[tuple, int] = {}
+    groups: list[list[int]] = []
     for i, t in enumerate(tensors):
-        if t.numel() == 0:
-            pieces[i] = torch.zeros(_num_units(t), dtype=out_dtype, device=t.device)
-        elif t.ndim < 2:
-            whole.setdefault((t.device, t.dtype), []).append(i)
-        elif t.numel() < _UNIT_BATCH_MAX_NUMEL:
-            batched.setdefault((t.device, t.dtype, t.numel() // t.shape[0]), []).append(i)
+        size = t.size()  # t.size() is several times cheaper than t.shape in a hot loop
+        n = t.numel()
+        ndim = len(size)
+        if n == 0 or (ndim >= 2 and n >= _UNIT_BATCH_MAX_NUMEL):
+            groups.append([i])
+            continue
+        key = (t.device, t.dtype, ndim if ndim < 2 else size)
+        chunk = keyed.get(key)
+        if chunk is not None and chunk_numel[key] + n > _UNIT_STACK_MAX_NUMEL:
+            chunk = None  # start a new chunk: the stacked copy stays bounded
+        if chunk is None:
+            chunk = keyed[key] = []
+            chunk_numel[key] = 0
+            groups.append(chunk)
+        chunk.append(i)
+        chunk_numel[key] += n
+    return groups
+
+
+def grouped_unit_norms(
+    tensors: Sequence[Tensor], groups: list[list[int]], norm_type: float = 2.0
+) -> list[Tensor]:
+    """Unit norms per group, stacked: group ``[i, j, ...]`` gives ``(k, *unit_shape(t_i))``.
+
+    Accumulated in fp32 for fp16/bf16 (fp64 stays fp64). ``unbind(0)`` of a result gives
+    per-tensor views that broadcast against the tensors.
+    """
+    p = norm_type
+    out = []
+    for idx in groups:
+        first = tensors[idx[0]]
+        acc = _accum_dtype(first.dtype)
+        if first.numel() == 0:
+            norms = torch.zeros((1, *unit_shape(first)), device=first.device,
+                                dtype=acc or first.dtype)
+        elif first.ndim < 2:
+            group = [tensors[i] for i in idx]
+            norms = torch.stack(_group_norms(group, p, None, first.device, first.dtype))
+            norms = norms.reshape(len(idx), *((1,) * first.ndim))
+        elif len(idx) == 1:
+            dims = tuple(range(1, first.ndim))
+            norms = torch.linalg.vector_norm(first, p, dim=dims, keepdim=True, dtype=acc)
+            norms = norms.unsqueeze(0)
         else:
-            pieces[i] = torch.linalg.vector_norm(
-                t, p, dim=_unit_dims(t), dtype=_accum_dtype(t.dtype) or t.dtype
-            ).to(out_dtype)
-    for (dev, dtype), idx in whole.items():
-        group = [tensors[i] for i in idx]
-        norms = torch.stack(_group_norms(group, p, None, dev, dtype)).to(out_dtype)
-        for i, v in zip(idx, norms.split(1), strict=True):
-            pieces[i] = v
-    for (_, dtype, unit), idx in batched.items():
-        rows = torch.cat([tensors[i].reshape(-1, unit) for i in idx])
-        norms = torch.linalg.vector_norm(rows, p, dim=1, dtype=_accum_dtype(dtype) or dtype)
-        sizes = [tensors[i].shape[0] for i in idx]
-        for i, v in zip(idx, norms.to(out_dtype).split(sizes), strict=True):
-            pieces[i] = v
-    return torch.cat(pieces)  # type: ignore[arg-type]
+            stacked = torch.stack([tensors[i] for i in idx])
+            dims = tuple(range(2, stacked.ndim))
+            norms = torch.linalg.vector_norm(stacked, p, dim=dims, keepdim=True, dtype=acc)
+        out.append(norms)
+    return out
 
 
 @torch.no_grad()
@@ -532,11 +640,11 @@ def unit_norms(tensors: TensorOrTensors, norm_type: float = 2.0) -> list[Tensor]
     """Unit-wise norms of each tensor, shaped to broadcast against it (see :func:`unit_shape`).
 
     Args:
-        tensors: a Tensor or an iterable of Tensors, on one device.
+        tensors: a Tensor or an iterable of Tensors.
         norm_type: the order p.
 
     Returns:
-        One tensor per input, of shape ``unit_shape(t)``, fp32 accumulated.
+        One tensor per input, of shape ``unit_shape(t)``, accumulated in fp32 for fp16/bf16.
 
     Example:
         >>> import torch, gradguard as gg
@@ -544,14 +652,12 @@ def unit_norms(tensors: TensorOrTensors, norm_type: float = 2.0) -> list[Tensor]
         >>> gg.unit_norms(w)[0].flatten()
         tensor([5., 1.])
     """
+    p = validate_norm_type(norm_type)
     tensors = as_tensor_list(tensors, "tensors")
-    for i, t in enumerate(tensors):
-        _check_floating(t, f"tensors[{i}]")
-    flat = unit_norms_flat(tensors, norm_type)
-    return split_units(flat, tensors)
-
-
-def split_units(flat: Tensor, tensors: Sequence[Tensor]) -> list[Tensor]:
-    """Split a concatenated unit vector into per-tensor views shaped by :func:`unit_shape`."""
-    sizes = [_num_units(t) for t in tensors]
-    return [v.view(unit_shape(t)) for v, t in zip(flat.split(sizes), tensors, strict=True)]
+    _validate(tensors, "tensors[{}]")
+    groups = unit_groups(tensors)
+    out: list[Tensor | None] = [None] * len(tensors)
+    for idx, norms in zip(groups, grouped_unit_norms(tensors, groups, p), strict=True):
+        for i, n in zip(idx, norms.unbind(0), strict=True):
+            out[i] = n
+    return out  # type: ignore[return-value]
