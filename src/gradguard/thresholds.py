@@ -1,0 +1,564 @@
+"""Stateful clipping-threshold policies: sync-free, NaN-safe, checkpointable, O(1) per step.
+
+A policy turns the norms of one step into a clip coefficient. Its statistics live in device
+tensors and are updated with ``torch.where`` on a device-side "finite" flag, so a step
+whose gradient is NaN or infinite never enters them, and no decision needs a host read.
+Every policy round-trips through ``state_dict()``/``load_state_dict()`` bitwise, and costs
+the same at step 20,000 as at step 2.
+
+The policies:
+
+* :class:`Fixed` -- a constant threshold (torch's ``clip_grad_norm_`` rule).
+* :class:`AutoClip` -- a percentile of past norms (Seetharaman et al. 2020), over a
+  bounded window.
+* :class:`ZClip` -- EMA mean/variance of the norm and a z-score rule (Kumar et al. 2025).
+* :class:`AdaGC` -- per-tensor thresholds from each tensor's own EMA (Wang et al. 2025).
+* :class:`AGC` -- unit-wise, relative to the parameter norms (Brock et al. 2021).
+* :class:`Auto` -- gradguard's default, tuned on the stability benchmark.
+
+Use :func:`make_policy` to build one from a name or a float.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from gradguard.clip import check_threshold
+
+__all__ = [
+    "AGC",
+    "AdaGC",
+    "Auto",
+    "AutoClip",
+    "Fixed",
+    "StepNorms",
+    "ThresholdPolicy",
+    "ZClip",
+    "make_policy",
+]
+
+# torch's guard against division by zero in clip_grad_norm_, used by every policy so that
+# a fixed threshold behaves exactly like torch.
+NORM_EPS = 1e-6
+
+
+@dataclass
+class StepNorms:
+    """What a policy sees of one step. All tensors live on the gradients' device.
+
+    Attributes:
+        norms: per-tensor gradient norms, one per guarded parameter (0 where absent).
+        total: the total norm (0-d).
+        finite: 0-d bool, whether the step's gradients are all finite. Statistics are only
+            updated where it is true.
+        present: per-tensor bool mask of parameters that have a gradient this step, or
+            ``None`` when all do.
+    """
+
+    norms: Tensor
+    total: Tensor
+    finite: Tensor
+    present: Tensor | None = None
+
+
+class ThresholdPolicy:
+    """Base class of threshold policies.
+
+    Subclasses declare their statistics in :attr:`_state_names` (device tensors created in
+    :meth:`setup`) and implement :meth:`compute`. The base class provides ``state_dict``,
+    ``load_state_dict`` and device handling.
+
+    Attributes:
+        name: the policy's short name.
+        per_tensor: ``compute`` returns one coefficient per tensor instead of one in all.
+        unitwise: the policy clips unit-wise (AGC) and needs the parameters' values.
+    """
+
+    name: ClassVar[str] = "base"
+    per_tensor: ClassVar[bool] = False
+    unitwise: ClassVar[bool] = False
+    _state_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self) -> None:
+        self._num_tensors: int | None = None
+        self._device: torch.device | None = None
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def setup(self, num_tensors: int, device: torch.device | str) -> None:
+        """Create the statistics for ``num_tensors`` tensors on ``device`` (idempotent)."""
+        device = torch.device(device)
+        if self._num_tensors == num_tensors and self._device == device:
+            return
+        if self._num_tensors is not None and self._num_tensors != num_tensors:
+            raise ValueError(
+                f"{type(self).__name__} was set up for {self._num_tensors} tensors, "
+                f"got {num_tensors}; use one policy object per set of parameters"
+            )
+        if self._device is not None:  # moving: keep the statistics
+            for k in self._state_names:
+                setattr(self, k, getattr(self, k).to(device))
+        else:
+            self._init_state(num_tensors, device)
+        self._num_tensors, self._device = num_tensors, device
+
+    def _init_state(self, num_tensors: int, device: torch.device) -> None:
+        """Allocate the statistics (override when there are any)."""
+
+    def compute(self, step: StepNorms) -> tuple[Tensor, Tensor]:
+        """Return ``(coef, threshold)`` for this step and update the statistics.
+
+        Args:
+            step: the step's norms and flags.
+
+        Returns:
+            ``coef``: a 0-d tensor (or one per tensor if :attr:`per_tensor`) in ``[0, 1]``
+            by which gradients are multiplied; ``threshold``: the norm threshold in force
+            (0-d, or per tensor), NaN where there is none.
+        """
+        raise NotImplementedError
+
+    # -- checkpointing ---------------------------------------------------------------
+
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments, for the checkpoint's sanity check and the report."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Statistics (cloned tensors) and configuration."""
+        state = {k: getattr(self, k).detach().clone() for k in self._state_names
+                 if self._num_tensors is not None}
+        return {"name": self.name, "config": self.config(), "num_tensors": self._num_tensors,
+                "state": state}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore statistics saved by :meth:`state_dict` (bitwise)."""
+        if state_dict.get("name") != self.name:
+            raise ValueError(
+                f"state_dict is for policy {state_dict.get('name')!r}, not {self.name!r}"
+            )
+        n = state_dict.get("num_tensors")
+        if n is None:
+            return
+        device = self._device or torch.device("cpu")
+        if self._num_tensors is None:
+            self._init_state(n, device)
+            self._num_tensors, self._device = n, device
+        elif self._num_tensors != n:
+            raise ValueError(
+                f"state_dict has statistics for {n} tensors, this policy for {self._num_tensors}"
+            )
+        for k in self._state_names:
+            v = state_dict["state"][k]
+            setattr(self, k, v.detach().clone().to(device))
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"{type(self).__name__}({args})"
+
+
+def _coef(threshold: Tensor, norm: Tensor) -> Tensor:
+    """torch's rule: ``min(1, threshold / (norm + 1e-6))``; NaN thresholds do not clip."""
+    coef = torch.clamp(threshold / (norm + NORM_EPS), max=1.0)
+    return torch.where(torch.isnan(threshold), torch.ones_like(coef), coef)
+
+
+def _check_fraction(value: object, name: str) -> float:
+    v = check_threshold(value, name)
+    if not 0.0 <= v < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    return v
+
+
+def _check_count(value: object, name: str, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------------------
+# Fixed
+# --------------------------------------------------------------------------------------
+
+
+class Fixed(ThresholdPolicy):
+    """A constant threshold on the total norm: ``coef = min(1, max_norm / (norm + 1e-6))``.
+
+    Exactly torch's ``clip_grad_norm_`` rule; there are no statistics.
+
+    Args:
+        max_norm: the threshold (finite, ``>= 0``).
+    """
+
+    name = "fixed"
+
+    def __init__(self, max_norm: float) -> None:
+        super().__init__()
+        self.max_norm = check_threshold(max_norm, "max_norm")
+
+    def config(self) -> dict[str, Any]:
+        return {"max_norm": self.max_norm}
+
+    def compute(self, step: StepNorms) -> tuple[Tensor, Tensor]:
+        threshold = torch.full_like(step.total, self.max_norm)
+        return _coef(threshold, step.total), threshold
+
+
+# --------------------------------------------------------------------------------------
+# AutoClip
+# --------------------------------------------------------------------------------------
+
+
+class AutoClip(ThresholdPolicy):
+    """Clip at the p-th percentile of past gradient norms (AutoClip).
+
+    The rule of the reference implementation: append the current (pre-clip) total norm to
+    the history, then clip at ``percentile(history, p)`` with numpy's linear
+    interpolation. On the first step the threshold is the norm itself, so nothing is
+    clipped.
+
+    Differences from the original, both deliberate:
+
+    * The history is a ring buffer of the last ``window`` finite norms on the device, not
+      every norm since step 0, so memory and time per step are bounded (a sort of
+      ``window`` floats) and the threshold follows the run as the norm drifts. With
+      ``window`` larger than the run it is the original rule.
+    * Non-finite norms are never added (the original appends them, after which
+      ``np.percentile`` returns NaN and ``clip_grad_norm_`` zeroes or NaNs the gradients).
+
+    Args:
+        percentile: p in ``[0, 100]`` (the paper recommends 10).
+        window: how many past finite norms are kept (``>= 1``).
+
+    References:
+        Seetharaman, Wichern, Pardo & Le Roux 2020, "AutoClip: Adaptive Gradient Clipping for
+        Source Separation Networks", IEEE MLSP, arXiv:2007.14469.
+    """
+
+    name = "autoclip"
+    _state_names = ("history", "count")
+
+    def __init__(self, percentile: float = 10.0, window: int = 1000) -> None:
+        super().__init__()
+        p = check_threshold(percentile, "percentile")
+        if p > 100:
+            raise ValueError(f"percentile must be in [0, 100], got {percentile!r}")
+        self.percentile = p
+        self.window = _check_count(window, "window", 1)
+
+    def config(self) -> dict[str, Any]:
+        return {"percentile": self.percentile, "window": self.window}
+
+    def _init_state(self, num_tensors: int, device: torch.device) -> None:
+        self.history = torch.full((self.window,), math.nan, device=device)
+        self.count = torch.zeros((), dtype=torch.int64, device=device)
+
+    def compute(self, step: StepNorms) -> tuple[Tensor, Tensor]:
+        total = step.total.float()
+        slot = torch.remainder(self.count, self.window).reshape(1)
+        old = self.history.index_select(0, slot)
+        self.history.index_copy_(0, slot, torch.where(step.finite, total.reshape(1), old))
+        self.count += step.finite.to(torch.int64)
+        # NaN marks empty slots: nanquantile uses numpy's linear interpolation over the rest.
+        threshold = torch.nanquantile(self.history, self.percentile / 100.0)
+        return _coef(threshold, step.total), threshold
+
+
+# --------------------------------------------------------------------------------------
+# ZClip
+# --------------------------------------------------------------------------------------
+
+
+class ZClip(ThresholdPolicy):
+    """Z-score clipping on EMA statistics of the total norm (ZClip).
+
+    Warm-up: the first ``warmup_steps`` finite norms are collected; their mean and
+    population variance start the statistics; no z-score clipping happens before
+    (``max_norm``, if set, still caps the norm). Afterwards, with ``s = sqrt(var)``::
+
+        z = (g - mean) / (s + 1e-6)
+        if z > z_thresh:  target = mean + z_thresh**2 * s / z     (the "reciprocal" rule)
+        else:             target = g
+        coef  = min(1, min(target, max_norm) / (g + 1e-6))
+        mean <- alpha * mean + (1 - alpha) * target
+        var  <- alpha * var + (1 - alpha) * (target - mean)**2    (the updated mean)
+
+    This is the update of the reference implementation (``zclip`` 1.0.0, ``mode="zscore"``,
+    ``clip_option="adaptive_scaling"``, ``clip_factor=1``) on every finite step. Where it
+    differs, it is NaN-safety: a non-finite norm updates nothing (in the reference it makes
+    mean and variance NaN forever, after which no spike is ever clipped), and the state is
+    on the device (the reference calls ``.item()`` every step) and checkpointable.
+
+    Args:
+        alpha: EMA decay (paper: 0.97).
+        z_thresh: z-score above which a norm is a spike (paper: 2.5).
+        warmup_steps: finite steps collected before clipping starts (paper: 25).
+        max_norm: optional absolute cap applied at every step, warm-up included. ``None``
+            (default) is the paper's adaptive rule alone; the ``zclip`` package defaults to
+            ``max_grad_norm=1.0``, which pass here to reproduce it.
+
+    References:
+        Kumar, Owen, Chowdhury & Güra 2025, "ZClip: Adaptive Spike Mitigation for LLM
+        Pre-Training", arXiv:2504.02507.
+    """
+
+    name = "zclip"
+    _state_names = ("mean", "var", "count", "warmup")
+
+    def __init__(
+        self,
+        alpha: float = 0.97,
+        z_thresh: float = 2.5,
+        warmup_steps: int = 25,
+        max_norm: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.alpha = _check_fraction(alpha, "alpha")
+        self.z_thresh = check_threshold(z_thresh, "z_thresh", positive=True)
+        self.warmup_steps = _check_count(warmup_steps, "warmup_steps", 1)
+        self.max_norm = None if max_norm is None else check_threshold(max_norm, "max_norm")
+
+    def config(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "z_thresh": self.z_thresh,
+                "warmup_steps": self.warmup_steps, "max_norm": self.max_norm}
+
+    def _init_state(self, num_tensors: int, device: torch.device) -> None:
+        self.mean = torch.zeros((), dtype=torch.float64, device=device)
+        self.var = torch.zeros((), dtype=torch.float64, device=device)
+        self.count = torch.zeros((), dtype=torch.int64, device=device)
+        self.warmup = torch.zeros(self.warmup_steps, dtype=torch.float64, device=device)
+
+    def compute(self, step: StepNorms) -> tuple[Tensor, Tensor]:
+        g = step.total.to(torch.float64)
+        finite = step.finite
+        active = self.count >= self.warmup_steps  # statistics exist: z-score clipping on
+
+        # Warm-up: store the norm; when the buffer fills, start the statistics from it.
+        slot = torch.clamp(self.count, max=self.warmup_steps - 1).reshape(1)
+        collecting = finite & ~active
+        old = self.warmup.index_select(0, slot)
+        self.warmup.index_copy_(0, slot, torch.where(collecting, g.reshape(1), old))
+        w_mean = self.warmup.mean()
+        w_var = (self.warmup - w_mean).square().mean()
+        starts = collecting & (self.count == self.warmup_steps - 1)
+
+        # Z-score rule (computed every step, kept only where active).
+        std = self.var.sqrt()
+        z = (g - self.mean) / (std + NORM_EPS)
+        spike = z > self.z_thresh
+        target = torch.where(spike, self.mean + self.z_thresh**2 * std / z, g)
+        new_mean = self.alpha * self.mean + (1 - self.alpha) * target
+        new_var = self.alpha * self.var + (1 - self.alpha) * (target - new_mean).square()
+        update = finite & active
+        self.mean = torch.where(update, new_mean, torch.where(starts, w_mean, self.mean))
+        self.var = torch.where(update, new_var, torch.where(starts, w_var, self.var))
+        self.count = self.count + finite.to(torch.int64)
+
+        nan = torch.full_like(g, math.nan)
+        threshold = torch.where(active & spike, target, nan)
+        if self.max_norm is not None:
+            threshold = torch.fmin(threshold, torch.full_like(g, self.max_norm))
+        threshold = threshold.to(step.total.dtype)
+        return _coef(threshold, step.total), threshold
+
+
+# --------------------------------------------------------------------------------------
+# AdaGC
+# --------------------------------------------------------------------------------------
+
+
+class AdaGC(ThresholdPolicy):
+    """Per-tensor adaptive clipping from each tensor's own EMA of clipped norms (AdaGC).
+
+    Warm-up (the first ``warmup_steps`` finite steps): global-norm clipping at ``max_norm``,
+    and ``gamma_i`` is the running minimum of each tensor's norm after that clip. Then, per
+    tensor ``i``::
+
+        coef_i  = min(1, rel * gamma_i / (||g_i|| + 1e-6))
+        gamma_i <- beta * gamma_i + (1 - beta) * min(||g_i||, rel * gamma_i)
+
+    The threshold uses the previous EMA, and the EMA takes the *clipped* norm. A tensor
+    first seen after warm-up starts from its own norm. This is the official Megatron
+    implementation's rule; non-finite steps update nothing.
+
+    Args:
+        rel: the relative factor lambda_rel (default 1.05 as published; the released code
+            uses 1.04).
+        beta: EMA decay (default 0.98 as published; the released code uses 0.99).
+        warmup_steps: steps of global clipping before per-tensor clipping (paper: 100).
+        max_norm: the global threshold lambda_abs during warm-up (paper: 1.0).
+
+    References:
+        Wang, Li, Chen, Zeng, Yang, Yu, Ma & Shen 2025, "AdaGC: Improving Training Stability
+        for Large Language Model Pretraining", arXiv:2502.11034.
+    """
+
+    name = "adagc"
+    per_tensor = True
+    _state_names = ("gamma", "seen", "count")
+
+    def __init__(
+        self, rel: float = 1.05, beta: float = 0.98, warmup_steps: int = 100,
+        max_norm: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.rel = check_threshold(rel, "rel", positive=True)
+        self.beta = _check_fraction(beta, "beta")
+        self.warmup_steps = _check_count(warmup_steps, "warmup_steps", 0)
+        self.max_norm = check_threshold(max_norm, "max_norm")
+
+    def config(self) -> dict[str, Any]:
+        return {"rel": self.rel, "beta": self.beta, "warmup_steps": self.warmup_steps,
+                "max_norm": self.max_norm}
+
+    def _init_state(self, num_tensors: int, device: torch.device) -> None:
+        self.gamma = torch.zeros(num_tensors, device=device)
+        self.seen = torch.zeros(num_tensors, dtype=torch.bool, device=device)
+        self.count = torch.zeros((), dtype=torch.int64, device=device)
+
+    def compute(self, step: StepNorms) -> tuple[Tensor, Tensor]:
+        norms = step.norms.float()
+        present = step.present if step.present is not None else torch.ones_like(self.seen)
+        observe = present & step.finite
+        warm = self.count < self.warmup_steps
+
+        # Warm-up: global clipping; gamma tracks the minimum post-clip norm.
+        g_thr = torch.full_like(step.total, self.max_norm)
+        g_coef = _coef(g_thr, step.total)
+        clipped = norms * g_coef.to(norms.dtype)
+        warm_gamma = torch.where(self.seen, torch.minimum(self.gamma, clipped), clipped)
+
+        # Per-tensor rule; tensors never seen start from their own norm.
+        gamma = torch.where(self.seen, self.gamma, norms)
+        thr = self.rel * gamma
+        t_coef = torch.clamp(thr / (norms + NORM_EPS), max=1.0)
+        ema = self.beta * gamma + (1 - self.beta) * torch.minimum(norms, thr)
+
+        self.gamma = torch.where(observe, torch.where(warm, warm_gamma, ema), self.gamma)
+        self.seen = self.seen | observe
+        self.count = self.count + step.finite.to(torch.int64)
+        coef = torch.where(warm, g_coef.expand_as(t_coef), t_coef)
+        threshold = torch.where(warm, g_thr.expand_as(thr), thr)
+        return coef, threshold
+
+
+# --------------------------------------------------------------------------------------
+# AGC
+# --------------------------------------------------------------------------------------
+
+
+class AGC(ThresholdPolicy):
+    """Unit-wise adaptive gradient clipping relative to parameter norms (NFNets).
+
+    Stateless: the Guard calls :func:`gradguard.clip_grad_agc_`'s rule on its parameters.
+    The recorded coefficient is the smallest unit coefficient of the step, the threshold
+    NaN (there is one per unit).
+
+    Args:
+        clipping: the largest allowed ``||G_i|| / max(||W_i||, eps)`` per unit.
+        eps: the floor on parameter norms.
+
+    References:
+        Brock, De, Smith & Simonyan 2021, "High-Performance Large-Scale Image Recognition
+        Without Normalization", arXiv:2102.06171.
+    """
+
+    name = "agc"
+    unitwise = True
+
+    def __init__(self, clipping: float = 0.01, eps: float = 1e-3) -> None:
+        super().__init__()
+        self.clipping = check_threshold(clipping, "clipping", positive=True)
+        self.eps = check_threshold(eps, "eps")
+
+    def config(self) -> dict[str, Any]:
+        return {"clipping": self.clipping, "eps": self.eps}
+
+    def unit_coefficients(self, g_norms: list[Tensor], w_norms: list[Tensor]) -> list[Tensor]:
+        """Coefficients per unit group (see :class:`gradguard.clip.AgcUnits`)."""
+        out = []
+        for gn, wn in zip(g_norms, w_norms, strict=True):
+            limit = wn.clamp_min(self.eps) * self.clipping
+            out.append(torch.where(gn > limit, limit / gn, 1.0))
+        return out
+
+    def compute(self, step: StepNorms) -> tuple[Tensor, Tensor]:  # pragma: no cover
+        raise TypeError("AGC clips unit-wise; the Guard calls unit_coefficients()")
+
+
+# --------------------------------------------------------------------------------------
+# Auto
+# --------------------------------------------------------------------------------------
+
+
+class Auto(ThresholdPolicy):
+    """gradguard's default: no tuning, safe from step 0 and against rare spikes.
+
+    Placeholder until the benchmark-derived rule lands: behaves like ``Fixed(1.0)``.
+    """
+
+    name = "auto"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._fixed = Fixed(1.0)
+
+    def compute(self, step: StepNorms) -> tuple[Tensor, Tensor]:
+        return self._fixed.compute(step)
+
+
+# --------------------------------------------------------------------------------------
+# Factory
+# --------------------------------------------------------------------------------------
+
+POLICIES: dict[str, type[ThresholdPolicy]] = {
+    "auto": Auto,
+    "autoclip": AutoClip,
+    "zclip": ZClip,
+    "adagc": AdaGC,
+    "agc": AGC,
+}
+
+
+def make_policy(clip: float | str | ThresholdPolicy | None) -> ThresholdPolicy | None:
+    """Build a policy from what ``Guard(clip=...)`` accepts.
+
+    Args:
+        clip: a float (a fixed threshold), a policy name (``"auto"``, ``"autoclip"``,
+            ``"zclip"``, ``"adagc"``, ``"agc"``, or ``"fixed:1.0"``), a policy object, or
+            ``None`` (monitor only).
+
+    Returns:
+        The policy, or ``None``.
+
+    Raises:
+        ValueError: for an unknown name; TypeError for anything else.
+    """
+    if clip is None or isinstance(clip, ThresholdPolicy):
+        return clip
+    if isinstance(clip, bool):
+        raise TypeError(f"clip must be a float, a policy name or a policy, got {clip!r}")
+    if isinstance(clip, (int, float)):
+        return Fixed(clip)
+    if isinstance(clip, str):
+        name = clip.strip().lower()
+        if name.startswith("fixed:"):
+            try:
+                return Fixed(float(name.split(":", 1)[1]))
+            except ValueError:
+                raise ValueError(f"clip {clip!r}: expected 'fixed:<number>'") from None
+        if name in POLICIES:
+            return POLICIES[name]()
+        raise ValueError(
+            f"unknown clip policy {clip!r}; expected a float, 'fixed:<t>' or one of "
+            f"{sorted(POLICIES)}"
+        )
+    raise TypeError(f"clip must be a float, a policy name or a policy, got {clip!r}")
