@@ -221,7 +221,10 @@ class Guard:
             found_inf = kwargs.get("found_inf")
             if not guard._run(grad_scale=grad_scale, found_inf=found_inf):
                 return None
-            return original(*args, **kwargs)
+            if guard.remedies is None:
+                return original(*args, **kwargs)
+            with guard.remedies.scaled_lr(optimizer):  # LR backoff for this step only
+                return original(*args, **kwargs)
 
         step.__gradguard_original__ = original  # type: ignore[attr-defined]
         optimizer.step = step  # type: ignore[method-assign]
@@ -326,9 +329,11 @@ class Guard:
         finite = torch.isfinite(total)
         if found_inf is not None:  # fused optimizer under GradScaler: overflow is its call
             overflow = found_inf.reshape(()).to(self._device) != 0
-            observed, nonfinite_flag = finite & ~overflow, ~finite & ~overflow
+            ok = torch.logical_not(overflow)  # logical_not, not ~: FakeTensorMode lacks it
+            observed = finite & ok
+            nonfinite_flag = torch.logical_not(finite) & ok
         else:
-            observed, nonfinite_flag = finite, ~finite
+            observed, nonfinite_flag = finite, torch.logical_not(finite)
 
         # ---- non-finite gradients ----------------------------------------------------
         scaler_mode = self.scaler is not None or found_inf is not None
@@ -427,7 +432,7 @@ class Guard:
             self.monitor.observe(step_no, fields, norms.to(f32))
 
     def _nonfinite_names(self, norms: Tensor, present: Tensor | None) -> list[str]:
-        bad = (~torch.isfinite(norms)).tolist()
+        bad = torch.logical_not(torch.isfinite(norms)).tolist()
         return [n for n, b in zip(self.names, bad, strict=True) if b]
 
     def _record_nonfinite_skip(

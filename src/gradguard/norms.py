@@ -386,7 +386,8 @@ class TensorGroups:
             return
         coefs = list(coef.unbind(0))
         if self.all_cpu and coef.device.type == "cpu":
-            keep = [i for i, c in enumerate((~(coef >= 1)).tolist()) if c]  # NaN: multiply
+            clip = torch.logical_not(coef >= 1).tolist()  # NaN coefficients multiply too
+            keep = [i for i, c in enumerate(clip) if c]
             if not keep:
                 return
             if len(keep) < len(self.local):

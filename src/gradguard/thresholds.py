@@ -343,7 +343,7 @@ class ZClip(ThresholdPolicy):
 
         # Warm-up: store the norm; when the buffer fills, start the statistics from it.
         slot = torch.clamp(self.count, max=self.warmup_steps - 1).reshape(1)
-        collecting = finite & ~active
+        collecting = finite & torch.logical_not(active)  # not ~: FakeTensorMode lacks it
         old = self.warmup.index_select(0, slot)
         self.warmup.index_copy_(0, slot, torch.where(collecting, g.reshape(1), old))
         w_mean = self.warmup.mean()
