@@ -217,8 +217,10 @@ class Guard:
 
         @functools.wraps(original)
         def step(*args: Any, **kwargs: Any) -> Any:
-            grad_scale = kwargs.get("grad_scale")
-            found_inf = kwargs.get("found_inf")
+            # GradScaler hands fused optimizers the scale and the overflow flag as
+            # attributes (their gradients are still scaled); None otherwise.
+            grad_scale = getattr(optimizer, "grad_scale", None)
+            found_inf = getattr(optimizer, "found_inf", None)
             if not guard._run(grad_scale=grad_scale, found_inf=found_inf):
                 return None
             if guard.remedies is None:
@@ -401,8 +403,9 @@ class Guard:
 
         self._finish(step_no, total, post, threshold, coef, clipped, nonfinite_flag,
                      torch.zeros((), dtype=torch.bool, device=self._device), norms)
-        if self.remedies is not None:
-            return self.remedies.after_step(step_no)
+        if self.remedies is not None and not self.remedies.after_step(step_no):
+            self._counters[3] += 1  # a rollback at this step: its update is dropped too
+            return False
         return True
 
     # ----------------------------------------------------------------------------------

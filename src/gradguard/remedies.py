@@ -159,6 +159,8 @@ class Remedies:
         self._snapshot: dict[str, Any] | None = None
         self._snapshot_step: int | None = None
         self._interval_dirty = False
+        self._fresh_backoff = False
+        self._rolled_back = False
 
     # -- wiring (called by the Guard) --------------------------------------------------
 
@@ -205,9 +207,19 @@ class Remedies:
                                  "gradients were skipped")
 
     def after_step(self, step: int) -> bool:
-        """A step went through: count it towards recovery. Returns whether to step."""
+        """A step is about to go through: count it towards recovery.
+
+        Returns:
+            Whether the optimizer should step (``False`` right after a rollback, whose
+            restored parameters must not receive this step's update).
+        """
         self._consecutive_skips = 0
-        if self.lr_factor < 1.0:
+        if self._rolled_back:
+            self._rolled_back = False
+            return False
+        if self._fresh_backoff:  # the first step after a backoff takes the full cut
+            self._fresh_backoff = False
+        elif self.lr_factor < 1.0:
             self.lr_factor = min(1.0, self.lr_factor * self._recovery_rate)
             if self.lr_factor >= 1.0 - 1e-12:
                 self.lr_factor = 1.0
@@ -265,6 +277,7 @@ class Remedies:
             self.backoffs += 1
             self.lr_factor *= cfg.factor
             self._recovery_rate = (1.0 / self.lr_factor) ** (1.0 / cfg.recovery_steps)
+            self._fresh_backoff = True
             self._emit(step, "lr_backoff",
                        f"{why}: learning rate x{self.lr_factor:.3g} (backoff {self.backoffs}/"
                        f"{cfg.max_times}), restored over {cfg.recovery_steps} clean steps",
@@ -287,12 +300,13 @@ class Remedies:
             return
         self.rollbacks += 1
         self._restore_snapshot()
+        self._rolled_back = True
         guard = self.guard
         assert guard is not None
         guard._skip_next = rb.skip_batches
         self._spike_steps.clear()
         self._emit(step, "rollback",
-                   f"{why}: restored the snapshot of step {self._snapshot_step} "
+                   f"{why}: restored the state from before step {self._snapshot_step} "
                    f"(rollback {self.rollbacks}/{rb.max_times}) and skipping the next "
                    f"{rb.skip_batches} batches", {"to_step": self._snapshot_step,
                                                   "rollbacks": self.rollbacks,
@@ -331,7 +345,7 @@ class Remedies:
             "optimizers": [_to_cpu(copy.deepcopy(o.state_dict())) for o in self._optimizers],
             "policy": None if guard.policy is None else guard.policy.state_dict(),
         }
-        self._snapshot_step = step
+        self._snapshot_step = step  # the state before this step's update
 
     def _restore_snapshot(self) -> None:
         guard = self.guard
@@ -360,6 +374,8 @@ class Remedies:
             "snapshot": self._snapshot,
             "snapshot_step": self._snapshot_step,
             "interval_dirty": self._interval_dirty,
+            "fresh_backoff": self._fresh_backoff,
+            "rolled_back": self._rolled_back,
             "config": {
                 "skip_budget": self.skip_budget,
                 "lr_backoff": None if self.lr_backoff is None else asdict(self.lr_backoff),
@@ -379,6 +395,8 @@ class Remedies:
         self._snapshot = state["snapshot"]
         self._snapshot_step = state["snapshot_step"]
         self._interval_dirty = bool(state["interval_dirty"])
+        self._fresh_backoff = bool(state["fresh_backoff"])
+        self._rolled_back = bool(state["rolled_back"])
 
 
 def _to_cpu(obj: Any) -> Any:

@@ -143,6 +143,16 @@ class ThresholdPolicy:
             raise ValueError(
                 f"state_dict is for policy {state_dict.get('name')!r}, not {self.name!r}"
             )
+        saved = state_dict.get("config", {})
+        differ = sorted(k for k in set(saved) | set(self.config())
+                        if saved.get(k) != self.config().get(k))
+        if differ:
+            raise ValueError(
+                f"state_dict was saved by {self.name} with "
+                + ", ".join(f"{k}={saved.get(k)!r}" for k in differ)
+                + "; this policy has "
+                + ", ".join(f"{k}={self.config().get(k)!r}" for k in differ)
+            )
         n = state_dict.get("num_tensors")
         if n is None:
             return
@@ -167,6 +177,15 @@ def _coef(threshold: Tensor, norm: Tensor) -> Tensor:
     """torch's rule: ``min(1, threshold / (norm + 1e-6))``; NaN thresholds do not clip."""
     coef = torch.clamp(threshold / (norm + NORM_EPS), max=1.0)
     return torch.where(torch.isnan(threshold), torch.ones_like(coef), coef)
+
+
+def _coef_strict(threshold: Tensor, norm: Tensor) -> Tensor:
+    """``threshold / (norm + 1e-6)`` only where ``norm > threshold``, else 1 (NaN: 1).
+
+    The rule of the ZClip and AdaGC reference code: a norm at or below its threshold is
+    never scaled, however small (torch's clamp rule shrinks norms below ~1e-6 a little).
+    """
+    return torch.where(norm > threshold, threshold / (norm + NORM_EPS), torch.ones_like(norm))
 
 
 def _check_fraction(value: object, name: str) -> float:
@@ -287,7 +306,8 @@ class ZClip(ThresholdPolicy):
         z = (g - mean) / (s + 1e-6)
         if z > z_thresh:  target = mean + z_thresh**2 * s / z     (the "reciprocal" rule)
         else:             target = g
-        coef  = min(1, min(target, max_norm) / (g + 1e-6))
+        eff   = min(target, max_norm)
+        coef  = eff / (g + 1e-6) if g > eff else 1
         mean <- alpha * mean + (1 - alpha) * target
         var  <- alpha * var + (1 - alpha) * (target - mean)**2    (the updated mean)
 
@@ -367,7 +387,11 @@ class ZClip(ThresholdPolicy):
         if self.max_norm is not None:
             threshold = torch.fmin(threshold, torch.full_like(g, self.max_norm))
         threshold = threshold.to(step.total.dtype)
-        return _coef(threshold, step.total), threshold
+        # The reference clips with torch's clip_grad_norm_ in warm-up, then with its own
+        # strict rule (scale only when the norm is above the threshold).
+        coef = torch.where(active, _coef_strict(threshold, step.total),
+                           _coef(threshold, step.total))
+        return coef, threshold
 
 
 # --------------------------------------------------------------------------------------
@@ -382,7 +406,7 @@ class AdaGC(ThresholdPolicy):
     and ``gamma_i`` is the running minimum of each tensor's norm after that clip. Then, per
     tensor ``i``::
 
-        coef_i  = min(1, rel * gamma_i / (||g_i|| + 1e-6))
+        coef_i  = rel * gamma_i / (||g_i|| + 1e-6)  if ||g_i|| > rel * gamma_i  else 1
         gamma_i <- beta * gamma_i + (1 - beta) * min(||g_i||, rel * gamma_i)
 
     The threshold uses the previous EMA, and the EMA takes the *clipped* norm. A tensor
@@ -439,13 +463,14 @@ class AdaGC(ThresholdPolicy):
         # Per-tensor rule; tensors never seen start from their own norm.
         gamma = torch.where(self.seen, self.gamma, norms)
         thr = self.rel * gamma
-        t_coef = torch.clamp(thr / (norms + NORM_EPS), max=1.0)
+        t_coef = _coef_strict(thr, norms)
         ema = self.beta * gamma + (1 - self.beta) * torch.minimum(norms, thr)
 
         self.gamma = torch.where(observe, torch.where(warm, warm_gamma, ema), self.gamma)
         self.seen = self.seen | observe
         self.count = self.count + step.finite.to(torch.int64)
         coef = torch.where(warm, g_coef.expand_as(t_coef), t_coef)
+        # In warm-up the threshold applies to the total norm; it is reported per tensor.
         threshold = torch.where(warm, g_thr.expand_as(thr), thr)
         return coef, threshold
 
