@@ -62,7 +62,7 @@ def _state_equal(a, b) -> bool:
     return a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b))
 
 
-# ----- clipping inside optimizer.step ---------------------------------------------------------
+# ----- clipping inside optimizer.step --------------------------------------------------------
 
 def test_fixed_threshold_matches_torch_clip_loop_bitwise():
     ref, ours = _mlp(), _mlp()
@@ -151,7 +151,7 @@ def test_last_record_and_counters_are_exact():
     assert guard.stats() == {"steps": 25, "clipped": clipped, "nonfinite": 0, "skipped": 0}
 
 
-# ----- non-finite policies ----------------------------------------------------------------------
+# ----- non-finite policies -------------------------------------------------------------------
 
 @pytest.mark.parametrize("clip", POLICIES)
 def test_skip_leaves_params_adam_state_and_statistics_bitwise_unchanged(clip):
@@ -227,7 +227,7 @@ def test_ignore_lets_the_step_through_but_statistics_never_absorb_it(clip):
     assert guard.stats()["nonfinite"] == 1 and guard.stats()["skipped"] == 0
 
 
-# ----- GradScaler, accumulation, param groups -------------------------------------------------------
+# ----- GradScaler, accumulation, param groups ------------------------------------------------
 
 def test_gradscaler_step_sees_unscaled_gradients_and_overflow_is_not_observed():
     model, ref = _mlp(), _mlp()
@@ -345,7 +345,7 @@ def test_jsonl_log_has_records_and_events(tmp_path):
     assert [e.kind for e in log.events] == ["nonfinite"] and log.events[0].step == 8
 
 
-# ----- checkpointing ---------------------------------------------------------------------------------
+# ----- checkpointing -------------------------------------------------------------------------
 
 def _train_segment(clip, state, start, stop):
     model = _mlp()
@@ -406,7 +406,7 @@ def test_load_state_dict_rejects_other_parameters():
         other.load_state_dict(guard.state_dict())
 
 
-# ----- no host synchronisation ---------------------------------------------------------------------
+# ----- no host synchronisation ---------------------------------------------------------------
 
 @pytest.mark.parametrize("nonfinite", ["zero", "ignore"])
 @pytest.mark.parametrize("clip", POLICIES)
@@ -423,7 +423,7 @@ def test_step_is_sync_free_on_fake_cuda(clip, nonfinite):
         guard.state_dict()
 
 
-# ----- 5% poisoned steps ---------------------------------------------------------------------------
+# ----- 5% poisoned steps ---------------------------------------------------------------------
 
 def _regression_run(clip, poison: bool, steps: int = 2000):
     torch.manual_seed(0)
@@ -477,7 +477,7 @@ def test_poisoned_steps_are_skipped_and_training_matches_clean(clip):
     assert guard.stats()["skipped"] == poisoned
 
 
-# ----- remedies --------------------------------------------------------------------------------------
+# ----- remedies ------------------------------------------------------------------------------
 
 def test_lr_backoff_after_consecutive_skips_then_restore():
     model = _mlp()
@@ -552,7 +552,7 @@ def test_abort_when_the_ladder_is_exhausted():
     assert kinds.count("lr_backoff") == 1 and kinds[-1] == "abort"
 
 
-# ----- validation ------------------------------------------------------------------------------------
+# ----- validation ----------------------------------------------------------------------------
 
 def test_bad_arguments():
     model = _mlp()
