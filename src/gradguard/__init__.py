@@ -13,8 +13,10 @@ from gradguard.clip import (
 )
 from gradguard.events import Event
 from gradguard.guard import Guard, NonFiniteGradientError
+from gradguard.init import InitReport, activation_gain, init_model
 from gradguard.monitor import Monitor
 from gradguard.norms import get_total_norm, tensor_norms, total_norm, unit_norms
+from gradguard.probe import FixResult, ProbeReport, probe
 from gradguard.thresholds import AGC, AdaGC, Auto, AutoClip, Fixed, ThresholdPolicy, ZClip
 
 __version__ = "0.1.0"
@@ -25,13 +27,17 @@ __all__ = [
     "Auto",
     "AutoClip",
     "Event",
+    "FixResult",
     "Fixed",
     "Guard",
+    "InitReport",
     "Monitor",
     "NonFiniteGradientError",
+    "ProbeReport",
     "ThresholdPolicy",
     "ZClip",
     "__version__",
+    "activation_gain",
     "clip_grad_agc_",
     "clip_grad_block_rms_",
     "clip_grad_norm_",
@@ -39,6 +45,8 @@ __all__ = [
     "clip_grad_value_",
     "clip_grads_with_norm_",
     "get_total_norm",
+    "init_model",
+    "probe",
     "tensor_norms",
     "total_norm",
     "unit_norms",
