@@ -366,7 +366,8 @@ class Guard:
                 total = _norms.total_norm(present_norms, p, process_group=self.process_group)
 
         # ---- threshold and scaling ---------------------------------------------------
-        info = StepNorms(norms=norms, total=total, finite=observed, present=present)
+        info = StepNorms(norms=norms, total=total, finite=observed, present=present,
+                         params=params, optimizers=self.optimizers)
         one = torch.ones((), device=self._device)
         nan = torch.full((), math.nan, device=self._device)
         if self.policy is None:

@@ -22,8 +22,8 @@ Use :func:`make_policy` to build one from a name or a float.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -59,12 +59,17 @@ class StepNorms:
             updated where it is true.
         present: per-tensor bool mask of parameters that have a gradient this step, or
             ``None`` when all do.
+        params: the guarded parameters (for policies relative to parameter norms).
+        optimizers: the optimizers the Guard is attached to (for policies that read the
+            learning rate); empty when the Guard is called by hand.
     """
 
     norms: Tensor
     total: Tensor
     finite: Tensor
     present: Tensor | None = None
+    params: Sequence[Tensor] = ()
+    optimizers: Sequence[torch.optim.Optimizer] = field(default_factory=tuple)
 
 
 class ThresholdPolicy:

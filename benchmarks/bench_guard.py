@@ -1,0 +1,117 @@
+"""Per-step cost of ``Guard.step()`` (monitoring on) against torch's ``clip_grad_norm_``.
+
+Usage:  python benchmarks/bench_guard.py [--repeats 9] [--long-steps 20000]
+
+Two tables:
+
+1. GPT-2-small gradient shapes (148 tensors, 124M parameters): median milliseconds per
+   call of ``Guard.step()`` for every policy and of ``torch.nn.utils.clip_grad_norm_``
+   (foreach, clipping active), interleaved, gradients restored (untimed) before each
+   call so that every call sees the same gradients. Each Guard is warmed up first.
+2. Cost after 20,000 steps against cost after 200 (the O(1) claim): the same 148 tensors
+   with every dimension divided by 8 (so 20,000 real steps take seconds), gradients
+   drawn afresh with log-normal scale noise and a 30x spike every 500 steps, timed over
+   200 steps starting at step 200 and at step 20,000.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import gpt2_small_shapes, interleaved_medians, make_params  # noqa: E402
+
+import gradguard as gg  # noqa: E402
+
+POLICIES = ["fixed:1.0", "autoclip", "zclip", "adagc", "agc", "auto", None]
+
+
+def _guard(params, clip) -> gg.Guard:
+    return gg.Guard(params, clip=clip, sinks=[], log_every=100)
+
+
+def gpt2_table(repeats: int, warmup_steps: int = 30) -> list[tuple[str, float, float]]:
+    params = make_params(gpt2_small_shapes())
+    grads = [p.grad for p in params]
+    saved = [g.clone() for g in grads]
+
+    def restore() -> None:
+        torch._foreach_copy_(grads, saved)
+
+    guards = {str(c): _guard(params, c) for c in POLICIES}
+    for guard in guards.values():  # past every warm-up that matters for the cost
+        for _ in range(warmup_steps):
+            restore()
+            guard.step()
+    cases = {"torch": lambda: torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)}
+    for name, guard in guards.items():
+        cases[name] = guard.step
+    t = interleaved_medians(cases, repeats=repeats, setup=restore)
+    return [(name, t[name], t[name] / t["torch"]) for name in cases]
+
+
+def _noisy_grads(params, step: int, gen: torch.Generator) -> None:
+    scale = float(torch.exp(0.3 * torch.randn((), generator=gen)))
+    if step % 500 == 0:
+        scale *= 30.0
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen) * (1e-3 * scale)
+
+
+def long_run_table(long_steps: int, window: int = 200) -> list[tuple[str, float, float, float]]:
+    shapes = [tuple(max(1, d // 8) for d in s) for s in gpt2_small_shapes()]
+    rows = []
+    for clip in POLICIES:
+        params = make_params(shapes)
+        guard = _guard(params, clip)
+        gen = torch.Generator().manual_seed(0)
+        times: dict[int, list[float]] = {200: [], long_steps: []}
+        step = 0
+        while step < long_steps + window:
+            step += 1
+            _noisy_grads(params, step, gen)
+            t0 = time.perf_counter()
+            guard.step()
+            dt = time.perf_counter() - t0
+            for start in times:
+                if start <= step < start + window:
+                    times[start].append(dt)
+        early = statistics.median(times[200])
+        late = statistics.median(times[long_steps])
+        rows.append((str(clip), early, late, late / early))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--long-steps", type=int, default=20_000)
+    parser.add_argument("--skip-long", action="store_true")
+    args = parser.parse_args()
+    torch.set_flush_denormal(True)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    print("GPT-2-small shapes (148 tensors, 124.4M), median of "
+          f"{args.repeats} interleaved repeats, monitoring on:\n")
+    print("| per step | ms | vs torch clip_grad_norm_ |")
+    print("|---|---:|---:|")
+    for name, t, ratio in gpt2_table(args.repeats):
+        label = "torch clip_grad_norm_" if name == "torch" else f"Guard(clip={name})"
+        print(f"| {label} | {t * 1e3:.1f} | {ratio:.2f}x |")
+    if args.skip_long:
+        return
+    print(f"\nCost after {args.long_steps} steps vs after 200 (148 tensors, dims / 8, "
+          "median over 200 steps):\n")
+    print(f"| policy | us/step at 200 | us/step at {args.long_steps} | ratio |")
+    print("|---|---:|---:|---:|")
+    for name, early, late, ratio in long_run_table(args.long_steps):
+        print(f"| {name} | {early * 1e6:.0f} | {late * 1e6:.0f} | {ratio:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
