@@ -222,8 +222,8 @@ def test_ignore_lets_the_step_through_but_statistics_never_absorb_it(clip):
     model[0].weight.grad[0, 0] = float("nan")
     opt.step()
     assert torch.isnan(model[0].weight[0, 0])
-    if guard.policy is not None:
-        assert _state_equal(guard.policy.state_dict(), state)
+    if guard.policy is not None:  # the statistics (host bookkeeping like Auto's call count
+        assert _state_equal(guard.policy.state_dict()["state"], state["state"])  # may move)
     assert guard.stats()["nonfinite"] == 1 and guard.stats()["skipped"] == 0
 
 
