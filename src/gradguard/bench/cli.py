@@ -1,0 +1,116 @@
+"""``gradguard bench``: run the stability benchmark and write ``results.json`` and ``table.md``.
+
+Example::
+
+    gradguard bench --tasks deep-mlp-digits,adding-rnn --methods none,tuned,agc \\
+        --seeds 3 --out bench-out
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from gradguard.bench import methods as _methods
+from gradguard.bench import tasks as _tasks
+from gradguard.bench.runner import DEFAULT_LRS, GridConfig, run_grid
+
+
+def _csv(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"3"`` means seeds 0, 1, 2; a comma list (``"0,5"``, or ``"7,"`` for one) is taken
+    as given.
+
+    Raises:
+        ValueError: naming ``--seeds`` and the value.
+    """
+    try:
+        if "," in text:
+            seeds = [int(s) for s in _csv(text)]
+        else:
+            n = int(text)
+            if n < 1:
+                raise ValueError
+            seeds = list(range(n))
+    except ValueError:
+        raise ValueError(
+            f"--seeds must be a count >= 1 or a comma-separated list of ints >= 0, got {text!r}"
+        ) from None
+    if not seeds or any(s < 0 for s in seeds):
+        raise ValueError(f"--seeds must be ints >= 0, got {text!r}")
+    return seeds
+
+
+def parse_lrs(text: str) -> list[float]:
+    """A comma-separated list of learning rates > 0.
+
+    Raises:
+        ValueError: naming ``--lrs`` and the value.
+    """
+    try:
+        lrs = [float(s) for s in _csv(text)]
+    except ValueError:
+        raise ValueError(f"--lrs must be comma-separated numbers, got {text!r}") from None
+    if not lrs or any(not (lr > 0 and lr < float("inf")) for lr in lrs):
+        raise ValueError(f"--lrs must be finite numbers > 0, got {text!r}")
+    return lrs
+
+
+def cli_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``bench`` options to ``parser``."""
+    tasks = ", ".join(_tasks.TASKS)
+    methods = ", ".join(sorted([*_methods.METHODS, *_methods.META_METHODS]))
+    parser.add_argument("--tasks", default="all",
+                        help=f"comma-separated task specs or 'all' (default). Tasks: {tasks}; "
+                        "spike-injection[:x100|nan|clean]")
+    parser.add_argument("--methods", default="default",
+                        help="comma-separated method specs, e.g. none,clip:1,tuned,value:1,"
+                        f"agc:0.01; 'default' = none,tuned,value,agc,peer-*. Methods: {methods}")
+    parser.add_argument("--seeds", default="3",
+                        help="a count (3 = seeds 0,1,2) or a comma list (default 3)")
+    parser.add_argument("--lrs", default=",".join(f"{x:g}" for x in DEFAULT_LRS),
+                        help="comma-separated learning-rate grid (default %(default)s)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps per run (default: each task's, 300)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="worker processes, one torch thread each (default: CPU count)")
+    parser.add_argument("--out", default="bench-out", metavar="DIR",
+                        help="output directory for runs.jsonl, results.json, table.md")
+    parser.add_argument("--full-traces", default="", metavar="METHODS",
+                        help="comma-separated methods whose runs keep every step's loss and "
+                        "gradient norm in results.json")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the runs already in DIR/runs.jsonl")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    """Run the grid; 0 on success, 1 if some runs raised, 2 for bad arguments."""
+    try:
+        config = GridConfig(
+            tasks=_csv(args.tasks),
+            methods=_csv(args.methods),
+            lrs=parse_lrs(args.lrs),
+            seeds=parse_seeds(args.seeds),
+            steps=args.steps,
+            workers=args.workers,
+            full_trace_methods=_csv(args.full_traces),
+        )
+        if args.steps is not None and args.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {args.steps}")
+        if args.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {args.workers}")
+        config.validate()
+        _tasks.expand_task_specs(config.tasks)
+        _methods.expand_method_specs(config.methods)
+    except ValueError as e:
+        print(f"gradguard bench: error: {e}", file=sys.stderr)
+        return 2
+    results = run_grid(config, args.out, progress=not args.no_progress, resume=args.resume)
+    print(f"wrote {os.path.join(args.out, 'results.json')} and "
+          f"{os.path.join(args.out, 'table.md')}", file=sys.stderr)
+    return 1 if results["errors"] else 0
