@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gradguard import distributed as _dist
 from gradguard import norms as _norms
 from gradguard.clip import AgcUnits
 from gradguard.events import Event
@@ -126,6 +127,15 @@ class Guard:
             :meth:`attach` and ``scaler.step(optimizer)``, overflow steps never reach the
             Guard and nothing is needed.)
         process_group: reduce norms over this group (ranks holding disjoint parameters).
+        sync_group: the ranks that take the same decisions (clip coefficient, skip,
+            remedies), with **one** all-reduce per step whatever the policy (see
+            :mod:`gradguard.distributed`). ``None`` (default): every rank, when
+            ``torch.distributed`` is initialised with several; a process group: those
+            ranks; ``False``: each rank on its own. Works unchanged under DDP (``no_sync``
+            accumulation included) and FSDP2 (``fully_shard``; build the Guard after it).
+        log_ranks: under ``torch.distributed``, ``"zero"`` (default): only rank 0 writes to
+            the sinks; ``"all"``: every rank does, into per-rank files (``run.jsonl``,
+            ``run.rank1.jsonl``, ...). Events carry the rank that saw the problem first.
         monitor_options: extra keyword arguments for :class:`gradguard.monitor.Monitor`.
 
     Example:
@@ -152,6 +162,8 @@ class Guard:
         remedies: Any = None,
         scaler: Any = None,
         process_group: Any = None,
+        sync_group: Any = None,
+        log_ranks: str = "zero",
         monitor_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.params, self.names = _resolve_parameters(model_or_params)
@@ -164,6 +176,9 @@ class Guard:
             raise ValueError(f"clip='agc' uses L2 unit norms; got norm_type={norm_type!r}")
         self.scaler = scaler
         self.process_group = process_group
+        if log_ranks not in _dist.LOG_RANKS:
+            raise ValueError(f"log_ranks must be one of {_dist.LOG_RANKS}, got {log_ranks!r}")
+        self.log_ranks = log_ranks
         self.step_count = 0  # Guard steps taken (observed or not)
         self._device = self.params[0].device
         self._counters = torch.zeros(len(_COUNTERS), dtype=torch.int64, device=self._device)
@@ -171,11 +186,18 @@ class Guard:
         self._pending_loss: Tensor | None = None
         self._attached: list[tuple[weakref.ref, Callable]] = []
         self._skip_next = 0  # steps to skip after a rollback (set by remedies)
+        # Distributed: the step's one collective, identical decisions on every rank.
+        self._sync = _dist.GuardSync.create(sync_group, norm_type=self.norm_type,
+                                            device=self._device, process_group=process_group)
+        if _dist.is_distributed() and torch.distributed.get_world_size() > 1:
+            sinks = _dist.sinks_for_rank(sinks, log_ranks, _rank(process_group))
         if monitor:
             options = dict(monitor_options or {})
             options.setdefault("host_nonfinite_events", nonfinite in ("skip", "raise"))
             meta = {"policy": repr(self.policy), "nonfinite": nonfinite,
                     "norm_type": self.norm_type}
+            if self._sync is not None:
+                meta.update(world_size=self._sync.world, log_ranks=log_ranks)
             meta.update(options.pop("meta", {}))
             self.monitor: Monitor | None = Monitor(
                 self.names, log_every=log_every, sinks=sinks, device=self._device,
@@ -265,6 +287,8 @@ class Guard:
             self._pending_loss = loss.detach().reshape(()).float()
         else:
             self._pending_loss = torch.tensor(float(loss), device=self._device)
+        if self._sync is not None:  # a non-finite loss names this rank in events
+            self._sync.observe_loss(self._pending_loss)
 
     def step(self) -> bool:
         """Clip and check the gradients now (the explicit form of :meth:`attach`).
@@ -284,7 +308,9 @@ class Guard:
         self.step_count += 1
         step_no = self.step_count
         if self._skip_next > 0:  # a rollback asked to skip the batches that follow it
-            self._skip_next -= 1
+            self._skip_next -= 1  # (on every rank alike: remedies decide on shared data)
+            if self._sync is not None:
+                self._sync.discard()
             self._record_skip(step_no, reason="rollback")
             return False
 
@@ -292,6 +318,8 @@ class Guard:
         grads = [p.grad for p in params]
         present_idx = [i for i, g in enumerate(grads) if g is not None]
         if not present_idx:
+            if self._sync is not None:
+                self._sync.discard()
             return True
         grads_present = [grads[i] for i in present_idx]
         _norms._validate(grads_present, "parameters[{}].grad")
@@ -299,11 +327,23 @@ class Guard:
         p = self.norm_type
         all_present = len(present_idx) == len(params)
 
-        unit = None
-        if self.policy is not None and self.policy.unitwise:
+        unit = measured = param_norm = None
+        wants = getattr(self.policy, "wants_param_norm", None)
+        want_param_norm = callable(wants) and bool(wants(self.optimizers))
+        if self._sync is not None:
+            # Distributed: every statistic of the step in ONE all-reduce; the results
+            # (and so every decision below) are identical on all ranks.
+            measured = self._sync.measure(
+                groups, [params[i] for i in present_idx], policy=self.policy,
+                loss=self._pending_loss, grad_scale=grad_scale, found_inf=found_inf,
+                repair=self.nonfinite == "zero",
+                all_params=params if want_param_norm else None)
+            present_norms, unit, g_units = measured.norms, measured.unit, measured.g_units
+            self._pending_loss, param_norm = measured.loss, measured.param_norm
+        elif self.policy is not None and self.policy.unitwise:
             # AGC: unit norms give the per-tensor norms for free (one read of the grads).
             unit = AgcUnits(groups.local, groups.shards)
-            g_units = unit.norms(groups.local)
+            g_units = _norms.grouped_unit_norms(groups.local, unit.groups)
             grouped = torch.cat([torch.linalg.vector_norm(n.flatten(1), dim=1) for n in g_units])
             order = [i for idx in unit.groups for i in idx]
             if order == sorted(order):
@@ -311,14 +351,18 @@ class Guard:
             else:  # back to parameter order
                 inverse = sorted(range(len(order)), key=order.__getitem__)
                 present_norms = grouped.index_select(0, self._device_index(inverse, grouped))
-            if groups.shards:
+            if groups.shards:  # shard norms (before units are completed) -> full norms
                 present_norms = _norms._reduce_shard_norms(present_norms, groups.shards, 2.0)
+                g_units = unit._complete(g_units, groups.local)
         else:
             present_norms = groups.norms(p)
-        present_norms = present_norms.to(device=self._device, dtype=torch.float32)
-        if grad_scale is not None:  # fused optimizer under GradScaler: grads are scaled
-            inv = (1.0 / grad_scale.to(self._device, torch.float32)).reshape(())
-            present_norms = present_norms * inv
+        if measured is None:
+            present_norms = present_norms.to(device=self._device, dtype=torch.float32)
+            if grad_scale is not None:  # fused optimizer under GradScaler: grads are scaled
+                inv = (1.0 / grad_scale.to(self._device, torch.float32)).reshape(())
+                present_norms = present_norms * inv
+            if want_param_norm:
+                param_norm = torch.linalg.vector_norm(_norms.TensorGroups(params).norms(2.0))
         if all_present:
             norms, present = present_norms, None
         else:
@@ -327,10 +371,15 @@ class Guard:
             norms = norms.index_copy(0, index, present_norms)
             present = torch.zeros(len(params), dtype=torch.bool, device=self._device)
             present = present.index_fill(0, index, True)
-        total = _norms.total_norm(present_norms, p, process_group=self.process_group)
-        finite = torch.isfinite(total)
+        if measured is not None:
+            total, finite = measured.total, measured.finite
+        else:
+            total = _norms.total_norm(present_norms, p, process_group=self.process_group)
+            finite = torch.isfinite(total)
         if found_inf is not None:  # fused optimizer under GradScaler: overflow is its call
             overflow = found_inf.reshape(()).to(self._device) != 0
+            if measured is not None and measured.overflow is not None:
+                overflow = measured.overflow  # any rank's overflow
             ok = torch.logical_not(overflow)  # logical_not, not ~: FakeTensorMode lacks it
             observed = finite & ok
             nonfinite_flag = torch.logical_not(finite) & ok
@@ -347,15 +396,17 @@ class Guard:
                     return found_inf is not None
                 bad = self._nonfinite_names(norms, present)
                 if self.nonfinite == "raise":
+                    where = ("" if measured is None else
+                             "; " + _dist.describe_origin(self._sync.origin(measured.codes)))
                     raise NonFiniteGradientError(
                         f"step {step_no}: non-finite gradient in {', '.join(bad[:5])}"
-                        f"{' and more' if len(bad) > 5 else ''}. Lower the learning rate, "
+                        f"{' and more' if len(bad) > 5 else ''}{where}. Lower the learning rate, "
                         "check the inputs and the loss for NaN/inf, or use "
                         "Guard(nonfinite='skip') to skip such steps."
                     )
-                self._record_nonfinite_skip(step_no, norms, total, bad)
+                self._record_nonfinite_skip(step_no, norms, total, bad, measured)
                 return False
-        elif self.nonfinite == "zero":
+        elif self.nonfinite == "zero" and measured is None:  # (distributed: done in measure)
             repaired = self._zero_nonfinite(groups, finite)
             if repaired is not None:
                 present_norms = repaired.to(device=self._device, dtype=torch.float32)
@@ -368,24 +419,34 @@ class Guard:
         # ---- threshold and scaling ---------------------------------------------------
         info = StepNorms(norms=norms, total=total, finite=observed, present=present,
                          params=params, optimizers=self.optimizers)
+        if want_param_norm:  # the policy asked for ||theta|| (no collective of its own)
+            info.param_norm = param_norm  # type: ignore[attr-defined]
         one = torch.ones((), device=self._device)
         nan = torch.full((), math.nan, device=self._device)
         if self.policy is None:
             coef, threshold, post = one, nan, total
         elif unit is not None:
-            w_local, _ = _norms._localize([params[i] for i in present_idx])
-            w_units = unit.norms(w_local)
+            if measured is not None:
+                w_units = measured.w_units
+            else:
+                w_local, _ = _norms._localize([params[i] for i in present_idx])
+                w_units = unit.norms(w_local)
             coefs = self.policy.unit_coefficients(g_units, w_units)  # type: ignore[attr-defined]
             if self.nonfinite == "ignore":
                 coefs = [torch.where(finite, c, 1.0) for c in coefs]
             unit.mul_(groups.local, coefs)
-            coef = torch.stack([c.amin() for c in coefs]).amin().to(self._device)
             threshold = nan
-            post_sq = torch.stack([
-                (n * c).square().sum().to(self._device) for n, c in zip(g_units, coefs,
-                                                                         strict=True)
-            ]).sum()
-            post = post_sq.sqrt() if not groups.shards else total * coef
+            if measured is not None:  # over every rank's units
+                coef, post = measured.agc_summary(
+                    coefs, ones_if_nonfinite=self.nonfinite == "ignore")
+            else:
+                mins = [c.amin() for c in coefs if c.numel()]  # (FSDP2: shards may be empty)
+                coef = torch.stack(mins).amin().to(self._device) if mins else one
+                post_sq = torch.stack([
+                    (n * c).square().sum().to(self._device) for n, c in zip(g_units, coefs,
+                                                                             strict=True)
+                ]).sum()
+                post = post_sq.sqrt() if not groups.shards else total * coef
         else:
             self.policy.setup(len(params), self._device)
             coef, threshold = self.policy.compute(info)
@@ -440,19 +501,31 @@ class Guard:
         return [n for n, b in zip(self.names, bad, strict=True) if b]
 
     def _record_nonfinite_skip(
-        self, step_no: int, norms: Tensor, total: Tensor, bad: list[str]
+        self, step_no: int, norms: Tensor, total: Tensor, bad: list[str],
+        measured: _dist.Measured | None = None,
     ) -> None:
         nan = torch.full((), math.nan, device=self._device)
         true = torch.ones((), dtype=torch.bool, device=self._device)
         false = torch.zeros((), dtype=torch.bool, device=self._device)
         self._finish(step_no, total, nan, nan, nan, false, true, true, norms)
         if self.monitor is not None:
-            self.monitor.emit(Event(
+            data: dict[str, Any] = {"n_layers": len(bad)}
+            rank, where = _rank(self.process_group), ""
+            if measured is not None:  # which rank saw it first (a host read: skipping anyway)
+                assert self._sync is not None
+                data.update(self._sync.origin(measured.codes))
+                rank = data["first_rank"] if data["first_rank"] is not None else rank
+                where = "; " + _dist.describe_origin(data)
+            event = Event(
                 step=step_no, kind="nonfinite",
                 message=(f"non-finite gradient in {', '.join(bad[:5])}"
-                         f"{' and more' if len(bad) > 5 else ''}; step skipped"),
-                layers=bad[:5], data={"n_layers": len(bad)}, rank=_rank(self.process_group),
-            ))
+                         f"{' and more' if len(bad) > 5 else ''}; step skipped{where}"),
+                layers=bad[:5], data=data, rank=rank,
+            )
+            if rank == 0 and self.monitor.rank != 0:
+                self.monitor._store_event(event)  # emit() would restamp rank 0 as its own
+            else:
+                self.monitor.emit(event)
         if self.remedies is not None:
             self.remedies.on_skip(step_no, reason="nonfinite")
 

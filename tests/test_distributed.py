@@ -1,0 +1,799 @@
+"""The Guard under DDP and FSDP2 on 2 gloo processes (CPU): one collective per Guard step, the
+same decision on every rank, and the same numbers as one process on the concatenated batch.
+
+Starting processes costs seconds, so ONE 2-process run (the ``dist_run`` fixture) executes
+every scenario and returns plain data; the tests compare it with single-process runs made
+here. Models and data are float64, so that the order of summation (all-reduce versus one
+process) stays far below the 1e-6 tolerance (in fp32 the gradients themselves would differ
+by ~1e-7 relative per step before any clipping, and Adam amplifies that near zero).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gradguard as gg
+from gradguard import distributed as ggd
+from gradguard.events import read_jsonl
+from gradguard.remedies import Remedies, Rollback
+from gradguard.thresholds import StepNorms, ThresholdPolicy
+
+WORLD = 2
+STEPS = 20
+BATCH = 16
+NAN_STEP = 4  # rank 1's input is NaN at this step (0-based)
+GRAD_NAN_STEP = 7  # rank 1's gradient turns NaN in backward, its loss stays finite
+POLICIES = ["fixed", "auto", "autoclip", "zclip", "adagc", "agc", "none", "fixed-inf",
+            "param-norm"]
+TOL = {"rtol": 1e-6, "atol": 1e-9}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class ParamNormPolicy(ThresholdPolicy):
+    """A threshold relative to ||theta||, refreshed every 3rd step through the Guard's
+    ``wants_param_norm`` protocol (the Guard computes the norm, within its one collective)."""
+
+    name = "param-norm-test"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+        self.param_norm = torch.tensor(math.nan)
+
+    def wants_param_norm(self, optimizers) -> bool:
+        return self.calls % 3 == 0
+
+    def compute(self, step: StepNorms) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.calls % 3 == 0:
+            self.param_norm = step.param_norm  # type: ignore[attr-defined]
+        self.calls += 1
+        threshold = (0.1 * self.param_norm).to(step.total.dtype)
+        return torch.clamp(threshold / (step.total + 1e-6), max=1.0), threshold
+
+
+def _policy(name: str):
+    return {
+        "fixed": gg.Fixed(0.3),
+        "fixed-inf": gg.Fixed(0.05),
+        "auto": gg.Auto(),
+        "autoclip": gg.AutoClip(percentile=30),
+        "zclip": gg.ZClip(warmup_steps=3, z_thresh=1.5),
+        "adagc": gg.AdaGC(warmup_steps=3, max_norm=0.5),
+        "agc": gg.AGC(clipping=0.02),
+        "none": None,
+        "param-norm": ParamNormPolicy(),
+    }[name]
+
+
+def _model(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    # The last Linear has one output row: under FSDP2 rank 1 holds empty shards of it.
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
+                         nn.Linear(16, 1)).double()
+
+
+def _batch(step: int, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(step)
+    x = torch.randn(BATCH, 6, generator=g, dtype=torch.float64)
+    y = torch.sin(3 * x[:, :1]) + x[:, 1:2] * x[:, 2:3]
+    if step in (9, 15):  # loss spikes: the adaptive policies clip
+        y = y * 30
+    n = BATCH // world
+    return x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
+
+
+def _opt(model, name: str = "adam"):
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    return torch.optim.Adam(model.parameters(), lr=1e-2)
+
+
+def _guard(model, name: str, **kw) -> gg.Guard:
+    kw.setdefault("sinks", [])
+    kw.setdefault("log_every", 1)
+    norm_type = math.inf if name.endswith("-inf") else 2.0
+    return gg.Guard(model, clip=_policy(name), norm_type=norm_type, **kw)
+
+
+def _shard(t: torch.Tensor) -> tuple[tuple[int, ...], list[float]]:
+    """This rank's part of a tensor (a DTensor's local shard), as plain data."""
+    t = t.to_local() if hasattr(t, "to_local") else t
+    return tuple(t.shape), t.detach().flatten().tolist()
+
+
+@contextlib.contextmanager
+def _counting():
+    """Count collectives two ways: every c10d/functional op through the dispatcher, and
+    calls of ``torch.distributed.all_reduce``."""
+    import torch.distributed as dist
+
+    calls = []
+    original = dist.all_reduce
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    dist.all_reduce = counted
+    try:
+        with ggd.CollectiveCounter() as counter:
+            yield lambda: (counter.count, len(calls))
+    finally:
+        dist.all_reduce = original
+
+
+def _train(model, guard, opt, rank=0, world=1, *, steps=STEPS, nan_step=None,
+           attach=False, count=True):
+    """The loop every scenario and reference runs; collectives are counted inside the
+    Guard step only (``guard.step()``, or ``opt.step()`` when attached), so DDP's and
+    FSDP2's own communication is left out."""
+    if attach:
+        guard.attach(opt)
+    out = {"last": [], "grads": [], "params": [], "counts": [], "ok": []}
+    for step in range(steps):
+        x, y = _batch(step, rank, world)
+        if step == nan_step and rank == world - 1:
+            x = x.clone()
+            x[-BATCH // 2:] = math.nan  # the last half of the global batch
+        opt.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        guard.observe_loss(loss)
+        loss.backward()
+        with _counting() if count else contextlib.nullcontext(lambda: None) as counts:
+            if attach:
+                opt.step()
+                ok = not guard.last["skipped"].item()
+            else:
+                ok = guard.step()
+        out["counts"].append(counts())
+        out["ok"].append(ok)
+        out["last"].append({k: v.item() for k, v in guard.last.items()})
+        out["grads"].append([_shard(p.grad) for p in model.parameters()])
+        if ok and not attach:
+            opt.step()
+        out["params"].append([_shard(p) for p in model.parameters()])
+    guard.flush()
+    out["layer_norms"] = [r["layer_norm_max"] for r in guard.monitor.records]
+    out["stats"] = guard.stats()
+    out["events"] = [e.to_dict() for e in guard.events]
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# What the 2 processes run
+# --------------------------------------------------------------------------------------
+
+
+def _fsdp(model, mesh=None, per_layer=False):
+    from torch.distributed.fsdp import fully_shard
+
+    if per_layer:
+        for m in model:
+            if isinstance(m, nn.Linear):
+                fully_shard(m, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+class _NaNGradOnRank1(torch.autograd.Function):
+    """Identity forward; NaN gradient on rank 1 (born in backward: the loss is finite)."""
+
+    @staticmethod
+    def forward(ctx, x, poison):
+        ctx.poison = poison
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return (g * math.nan if ctx.poison else g), None
+
+
+def _ddp_nan_run(rank, world, tmp, log_ranks):
+    """Attached Guard, jsonl sink, DDP comm hook; NaN on rank 1 from its loss at NAN_STEP
+    and from backward at GRAD_NAN_STEP."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = DDP(_model())
+    opt = _opt(model)
+    path = os.path.join(tmp, f"ddp_{log_ranks}.jsonl")
+    guard = gg.Guard(model, clip=0.5, sinks=[path], log_every=5,
+                     log_ranks=log_ranks).attach(opt)
+    ggd.register_nonfinite_hook(model, guard)
+    counts = []
+    for step in range(10):
+        x, y = _batch(step, rank, world)
+        if step == NAN_STEP and rank == 1:
+            x = x * math.nan
+        opt.zero_grad()
+        out = _NaNGradOnRank1.apply(model(x), step == GRAD_NAN_STEP and rank == 1)
+        loss = F.mse_loss(out, y)
+        guard.observe_loss(loss)
+        loss.backward()
+        with _counting() as c:
+            opt.step()
+        counts.append(c())
+    guard.close()
+    return {
+        "stats": guard.stats(),
+        "events": [e.to_dict() for e in guard.events if e.kind == "nonfinite"],
+        "params": [_shard(p) for p in model.parameters()],
+        "counts": counts,
+    }
+
+
+def _ddp_resume(rank, world):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    def build():
+        model = DDP(_model())
+        opt = _opt(model)
+        return model, opt, gg.Guard(model, clip=gg.ZClip(warmup_steps=3), sinks=[],
+                                    log_every=4).attach(opt)
+
+    def run(model, opt, guard, steps):
+        for step in steps:
+            x, y = _batch(step, rank, world)
+            opt.zero_grad()
+            loss = F.mse_loss(model(x), y)
+            guard.observe_loss(loss)
+            loss.backward()
+            opt.step()
+
+    straight = build()
+    run(*straight, range(20))
+    first = build()
+    run(*first, range(10))
+    buf = io.BytesIO()
+    torch.save({"model": first[0].state_dict(), "opt": first[1].state_dict(),
+                "guard": first[2].state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=False)
+    resumed = build()
+    resumed[0].load_state_dict(ckpt["model"])
+    resumed[1].load_state_dict(ckpt["opt"])
+    resumed[2].load_state_dict(ckpt["guard"])
+    run(*resumed, range(10, 20))
+    a, b = straight[2].state_dict(), resumed[2].state_dict()
+    return {
+        "params_equal": all(torch.equal(p, q) for p, q in zip(
+            straight[0].parameters(), resumed[0].parameters(), strict=True)),
+        "policy_equal": all(torch.equal(a["policy"]["state"][k], b["policy"]["state"][k])
+                            for k in a["policy"]["state"]),
+        "counters_equal": torch.equal(a["counters"], b["counters"]),
+        "policy": {k: v.tolist() for k, v in b["policy"]["state"].items()},
+    }
+
+
+def _ddp_scenarios(rank, world, tmp):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    res = {}
+    for name in POLICIES:
+        model = DDP(_model())
+        sgd = name == "auto"  # Auto's trust cap: attached SGD, reads ||theta||
+        res[name] = _train(model, _guard(model, name), _opt(model, "sgd" if sgd else "adam"),
+                           rank, world, attach=sgd)
+
+    # Gradient accumulation under no_sync (2 micro-batches per rank), Guard attached.
+    model = DDP(_model())
+    opt = _opt(model)
+    _guard(model, "fixed").attach(opt)
+    params, counts = [], []
+    for step in range(6):
+        opt.zero_grad()
+        for micro in range(2):
+            x, y = _batch(2 * step + micro, rank, world)
+            with model.no_sync() if micro == 0 else contextlib.nullcontext():
+                (F.mse_loss(model(x), y) / 2).backward()
+        with _counting() as c:
+            opt.step()
+        counts.append(c())
+        params.append([_shard(p) for p in model.parameters()])
+    res["no_sync"] = {"params": params, "counts": counts}
+
+    for log_ranks in ("zero", "all"):
+        res[f"nan_{log_ranks}"] = _ddp_nan_run(rank, world, tmp, log_ranks)
+
+    # nonfinite="raise": every rank raises, nobody hangs.
+    model = DDP(_model())
+    guard = gg.Guard(model, clip=0.5, sinks=[], nonfinite="raise")
+    x, y = _batch(0, rank, world)
+    loss = F.mse_loss(model(x * (math.nan if rank == 1 else 1.0)), y)
+    guard.observe_loss(loss)
+    loss.backward()
+    try:
+        guard.step()
+        res["raise"] = None
+    except gg.NonFiniteGradientError as e:
+        res["raise"] = str(e)
+
+    # Non-finite modes, and the remedy ladder (snapshots, a rollback): one collective.
+    for nonfinite in ("skip", "zero", "ignore"):
+        model = DDP(_model())
+        remedies = None
+        if nonfinite == "skip":
+            remedies = Remedies(skip_budget=1, lr_backoff=None, abort=False,
+                                rollback=Rollback(loss_factor=None))
+        guard = gg.Guard(model, clip=gg.ZClip(warmup_steps=3), sinks=[], nonfinite=nonfinite,
+                         log_every=2, remedies=remedies)
+        res[f"mode_{nonfinite}"] = _train(model, guard, _opt(model), rank, world, steps=8,
+                                          nan_step=5, attach=True)
+
+    res["resume"] = _ddp_resume(rank, world)
+
+    # process_group: ranks holding disjoint parameters (pipeline stages), no DDP.
+    torch.manual_seed(10 + rank)
+    stage = nn.Linear(5, 3).double()
+    guard = gg.Guard(stage, clip=0.2, sinks=[], process_group=dist.group.WORLD)
+    g = torch.Generator().manual_seed(rank)
+    stage(torch.randn(4, 5, generator=g, dtype=torch.float64)).pow(2).sum().backward()
+    pre = [p.grad.tolist() for p in stage.parameters()]
+    with _counting() as c:
+        guard.step()
+    res["pipeline"] = {"pre": pre, "post": [p.grad.tolist() for p in stage.parameters()],
+                       "total": guard.last["pre_norm"].item(), "counts": c()}
+    return res
+
+
+def _fsdp_scenarios(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    res = {}
+    for name in POLICIES:
+        model = _fsdp(_model(), per_layer=name == "agc")  # one FSDP unit per Linear
+        res[name] = _train(model, _guard(model, name), _opt(model), rank, world)
+    model = _fsdp(_model())
+    res["auto-sgd"] = _train(model, _guard(model, "auto"), _opt(model, "sgd"), rank, world,
+                             attach=True)
+    # HSDP on a (replicate=2, shard=1) mesh: replicas must not be counted twice.
+    mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("replicate", "shard"))
+    for name in ("fixed", "agc"):
+        model = _fsdp(_model(), mesh)
+        res[f"hsdp-{name}"] = _train(model, _guard(model, name), _opt(model), rank, world,
+                                     steps=8)
+    # NaN in half of rank 1's input: FSDP2's reduce-scatter spreads it; all skip.
+    for name in ("fixed", "agc", "fixed-inf"):
+        model = _fsdp(_model())
+        res[f"nan-{name}"] = _train(model, _guard(model, name), _opt(model), rank, world,
+                                    steps=8, nan_step=NAN_STEP)
+    # sync_group=False: the norm engine's own collectives; AGC must not count a sharded
+    # bias twice (its units are completed across ranks, its norm was then summed again).
+    model = _fsdp(_model(), per_layer=True)
+    res["agc-unsynced"] = _train(model, _guard(model, "agc", sync_group=False), _opt(model),
+                                 rank, world, steps=3, count=False)
+    # A NaN in one shard only (rank 1's part of the first weight): all skip, rank 1 named.
+    for name in ("fixed", "fixed-inf", "adagc", "agc"):
+        model = _fsdp(_model())
+        guard = _guard(model, name)
+        x, y = _batch(0, rank, world)
+        F.mse_loss(model(x), y).backward()
+        if rank == 1:
+            model[0].weight.grad.to_local()[0, 0] = math.nan
+        with _counting() as c:
+            ok = guard.step()
+        res[f"shard-nan-{name}"] = {"ok": ok, "counts": c(),
+                                    "events": [e.to_dict() for e in guard.events]}
+    return res
+
+
+def _worker(rank, world, tmp):
+    return {"ddp": _ddp_scenarios(rank, world, tmp), "fsdp": _fsdp_scenarios(rank, world)}
+
+
+@pytest.fixture(scope="module")
+def dist_run(tmp_path_factory):
+    from dist_utils import run_distributed
+
+    tmp = str(tmp_path_factory.mktemp("dist"))
+    ranks = run_distributed(_worker, WORLD, tmp, timeout=300)
+    return ranks, tmp
+
+
+# --------------------------------------------------------------------------------------
+# Single-process references and comparisons
+# --------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _reference(name: str, *, steps=STEPS, sgd=False, nan_step=None):
+    model = _model()
+    return _train(model, _guard(model, name), _opt(model, "sgd" if sgd else "adam"),
+                  steps=steps, nan_step=nan_step, attach=sgd, count=False)
+
+
+def _full(parts, kind: str) -> torch.Tensor:
+    """Reassemble a tensor from the ranks' local parts (FSDP2 shards along dim 0)."""
+    tensors = [torch.tensor(v, dtype=torch.float64).reshape(s) for s, v in parts]
+    return torch.cat(tensors) if kind == "fsdp" else tensors[0]
+
+
+def _assert_matches(ranks: list, kind: str, name: str, ref: dict) -> None:
+    runs = [r[kind][name] for r in ranks]
+    for step, (want, *got) in enumerate(zip(ref["last"], *(r["last"] for r in runs),
+                                            strict=True)):
+        for g in got:  # the same record on every rank, and the single-process one
+            assert g.keys() == want.keys()
+            for k in want:
+                torch.testing.assert_close(torch.tensor(g[k]), torch.tensor(want[k]),
+                                           equal_nan=True, **TOL, msg=f"{name} {k} @{step}")
+    for what in ("grads", "params"):  # the clipped gradients, the parameter trajectory
+        for step, want in enumerate(ref[what]):
+            for i, w in enumerate(want):
+                full = _full([r[what][step][i] for r in runs], kind)
+                torch.testing.assert_close(full, _full([w], "ddp"), equal_nan=True, **TOL,
+                                           msg=f"{name} {what}[{i}] @{step}")
+    for r in runs:  # per-tensor norms of every step (monitor records, log_every=1)
+        torch.testing.assert_close(torch.tensor(r["layer_norms"]),
+                                   torch.tensor(ref["layer_norms"]), equal_nan=True, **TOL)
+        assert r["ok"] == ref["ok"] and r["stats"] == ref["stats"]
+
+
+def _counts(run: dict) -> set:
+    return {tuple(c) for c in run["counts"]}
+
+
+# --------------------------------------------------------------------------------------
+# Tests: 2 processes
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", POLICIES)
+def test_ddp_equals_single_process_with_one_collective(dist_run, name):
+    ranks, _ = dist_run
+    _assert_matches(ranks, "ddp", name, _reference(name, sgd=name == "auto"))
+    for r in ranks:
+        assert _counts(r["ddp"][name]) == {(1, 1)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", POLICIES)
+def test_fsdp2_equals_single_process_with_one_collective(dist_run, name):
+    ranks, _ = dist_run
+    ref = _reference(name)
+    _assert_matches(ranks, "fsdp", name, ref)
+    if name not in ("none", "auto"):  # (Auto's spike cap arms after 20 steps)
+        assert sum(s["clipped"] for s in ref["last"]) > 0  # the policy did something
+    for r in ranks:
+        assert _counts(r["fsdp"][name]) == {(1, 1)}
+
+
+@pytest.mark.slow
+def test_fsdp2_auto_with_sgd_reads_the_parameter_norm(dist_run):
+    ranks, _ = dist_run
+    _assert_matches(ranks, "fsdp", "auto-sgd", _reference("auto", sgd=True))
+    if not hasattr(gg.Auto, "wants_param_norm"):
+        pytest.xfail("Auto all-reduces ||theta|| itself until it asks the Guard for it "
+                     "(wants_param_norm / StepNorms.param_norm)")
+    for r in ranks:
+        assert _counts(r["fsdp"]["auto-sgd"]) == {(1, 1)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["fixed", "agc"])
+def test_hsdp_replicas_are_counted_once(dist_run, name):
+    ranks, _ = dist_run
+    runs = [r["fsdp"][f"hsdp-{name}"] for r in ranks]
+    ref = _reference(name, steps=8)
+    for run in runs:  # on a (2, 1) mesh every rank holds whole tensors
+        for step, want in enumerate(ref["params"]):
+            for (_, v), w in zip(run["params"][step], want, strict=True):
+                torch.testing.assert_close(torch.tensor(v, dtype=torch.float64),
+                                           torch.tensor(w[1], dtype=torch.float64), **TOL)
+        pre = [s["pre_norm"] for s in run["last"]]
+        torch.testing.assert_close(torch.tensor(pre), torch.tensor(
+            [s["pre_norm"] for s in ref["last"]]), **TOL)
+        assert _counts(run) == {(1, 1)}
+
+
+@pytest.mark.slow
+def test_agc_without_sync_group_counts_sharded_vectors_once(dist_run):
+    ranks, _ = dist_run
+    ref = _reference("agc", steps=3)
+    for r in ranks:
+        got = [s["pre_norm"] for s in r["fsdp"]["agc-unsynced"]["last"]]
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(
+            [s["pre_norm"] for s in ref["last"]]), **TOL)
+
+
+@pytest.mark.slow
+def test_ddp_no_sync_accumulation_equals_single_process(dist_run):
+    ranks, _ = dist_run
+    model = _model()
+    opt = _opt(model)
+    guard = _guard(model, "fixed").attach(opt)
+    for step in range(6):
+        opt.zero_grad()
+        for micro in range(2):  # the same 4 half-batches as the 2 ranks x 2 micro-batches
+            x0, y0 = _batch(2 * step + micro, 0, 2)
+            x1, y1 = _batch(2 * step + micro, 1, 2)
+            (F.mse_loss(model(torch.cat([x0, x1])), torch.cat([y0, y1])) / 2).backward()
+        opt.step()
+        for r in ranks:
+            for (s, v), p in zip(r["ddp"]["no_sync"]["params"][step], model.parameters(),
+                                 strict=True):
+                torch.testing.assert_close(torch.tensor(v, dtype=torch.float64).reshape(s),
+                                           p.detach(), **TOL)
+    assert guard.stats()["clipped"] > 0
+    for r in ranks:
+        assert _counts(r["ddp"]["no_sync"]) == {(1, 1)}
+
+
+@pytest.mark.slow
+def test_nan_on_one_rank_under_ddp_every_rank_skips_and_names_it(dist_run):
+    ranks, _ = dist_run
+    for log_ranks in ("zero", "all"):
+        runs = [r["ddp"][f"nan_{log_ranks}"] for r in ranks]
+        assert runs[0]["params"] == runs[1]["params"]  # replicas never drifted
+        for run in runs:
+            assert run["stats"]["skipped"] == 2 and run["stats"]["nonfinite"] == 2
+            assert set(run["counts"]) == {(1, 1)}
+            by_step = {e["step"]: e for e in run["events"]}
+            loss_event, grad_event = by_step[NAN_STEP + 1], by_step[GRAD_NAN_STEP + 1]
+            assert loss_event["rank"] == 1 and loss_event["data"]["evidence"] == "loss"
+            assert loss_event["data"]["loss_ranks"] == [1]
+            assert grad_event["rank"] == 1 and grad_event["data"]["evidence"] == "gradient"
+            assert grad_event["data"]["loss_ranks"] == []  # its loss was finite
+            assert grad_event["data"]["local_ranks"] == [0, 1]  # DDP spread it
+            assert "first seen on rank 1" in grad_event["message"]
+    # the same parameters as one process that never took those two steps
+    model = _model()
+    opt = _opt(model)
+    guard = gg.Guard(model, clip=0.5, sinks=[]).attach(opt)
+    for step in range(10):
+        if step in (NAN_STEP, GRAD_NAN_STEP):
+            continue
+        x, y = _batch(step)
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+    assert guard.stats()["steps"] == 8
+    for (s, v), p in zip(runs[0]["params"], model.parameters(), strict=True):
+        torch.testing.assert_close(torch.tensor(v, dtype=torch.float64).reshape(s),
+                                   p.detach(), **TOL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["fixed", "agc", "fixed-inf"])
+def test_nan_on_one_rank_under_fsdp2_every_rank_skips(dist_run, name):
+    ranks, _ = dist_run
+    ref = _reference(name, steps=8, nan_step=NAN_STEP)
+    assert ref["ok"][NAN_STEP] is False
+    _assert_matches(ranks, "fsdp", f"nan-{name}", ref)
+    for r in ranks:
+        run = r["fsdp"][f"nan-{name}"]
+        assert _counts(run) == {(1, 1)}
+        (event,) = [e for e in run["events"] if e["kind"] == "nonfinite"]
+        assert event["rank"] == 1 and event["data"]["evidence"] == "loss"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["fixed", "fixed-inf", "adagc", "agc"])
+def test_nan_in_one_shard_every_rank_skips(dist_run, name):
+    ranks, _ = dist_run
+    for r in ranks:
+        run = r["fsdp"][f"shard-nan-{name}"]
+        assert run["ok"] is False and tuple(run["counts"]) == (1, 1)
+        (event,) = [e for e in run["events"] if e["kind"] == "nonfinite"]
+        assert event["rank"] == 1 and event["data"]["evidence"] == "local"
+        assert event["data"]["local_ranks"] == [1]
+
+
+@pytest.mark.slow
+def test_raise_mode_raises_on_every_rank(dist_run):
+    ranks, _ = dist_run
+    for r in ranks:
+        assert r["ddp"]["raise"] is not None and "first seen on rank 1" in r["ddp"]["raise"]
+
+
+@pytest.mark.slow
+def test_sinks_write_from_rank_zero_or_per_rank_files(dist_run):
+    _, tmp = dist_run
+    files = sorted(f for f in os.listdir(tmp) if f.endswith(".jsonl"))
+    assert files == ["ddp_all.jsonl", "ddp_all.rank1.jsonl", "ddp_zero.jsonl"]
+    for name in ("ddp_zero.jsonl", "ddp_all.jsonl", "ddp_all.rank1.jsonl"):
+        log = read_jsonl(os.path.join(tmp, name))
+        assert log.meta["world_size"] == 2
+        events = [e for e in log.events if e.kind == "nonfinite"]
+        assert [e.rank for e in events] == [1, 1]  # the rank that saw it, on every file
+        writer = 1 if "rank1" in name else 0
+        assert {rec["rank"] for rec in log.records} == {writer}
+
+
+@pytest.mark.slow
+def test_nonfinite_modes_and_remedies_keep_one_collective(dist_run):
+    ranks, _ = dist_run
+    for mode in ("skip", "zero", "ignore"):
+        runs = [r["ddp"][f"mode_{mode}"] for r in ranks]
+        for a, b in zip(runs[0]["params"], runs[1]["params"], strict=True):
+            for (_, x), (_, y) in zip(a, b, strict=True):  # ("ignore" lets NaN in)
+                torch.testing.assert_close(torch.tensor(x), torch.tensor(y), equal_nan=True,
+                                           rtol=0, atol=0)
+        assert runs[0]["stats"] == runs[1]["stats"]
+        assert [e["kind"] for e in runs[0]["events"]] == [e["kind"] for e in runs[1]["events"]]
+        for run in runs:
+            assert _counts(run) == {(1, 1)}
+            # ("ignore" steps with the NaN: the parameters stay NaN from then on)
+            assert run["stats"]["nonfinite"] == (3 if mode == "ignore" else 1)
+            assert run["ok"][5] is (mode != "skip")
+    kinds = [e["kind"] for e in ranks[0]["ddp"]["mode_skip"]["events"]]
+    assert "rollback" in kinds  # the ladder ran (snapshot, restore) without a collective
+
+
+@pytest.mark.slow
+def test_state_dict_resume_under_ddp_is_exact(dist_run):
+    ranks, _ = dist_run
+    for r in ranks:
+        res = r["ddp"]["resume"]
+        assert res["params_equal"] and res["policy_equal"] and res["counters_equal"]
+    assert ranks[0]["ddp"]["resume"]["policy"] == ranks[1]["ddp"]["resume"]["policy"]
+
+
+@pytest.mark.slow
+def test_process_group_total_over_disjoint_stages(dist_run):
+    ranks, _ = dist_run
+    pre = [torch.tensor(g, dtype=torch.float64).flatten() for r in ranks
+           for g in r["ddp"]["pipeline"]["pre"]]
+    total = torch.linalg.vector_norm(torch.cat(pre)).item()
+    coef = min(1.0, 0.2 / (total + 1e-6))
+    for r in ranks:
+        run = r["ddp"]["pipeline"]
+        assert run["total"] == pytest.approx(total, rel=1e-6)
+        assert tuple(run["counts"]) == (1, 1)
+        for before, after in zip(run["pre"], run["post"], strict=True):
+            torch.testing.assert_close(torch.tensor(after), torch.tensor(before) * coef,
+                                       rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.slow
+def test_example_runs_under_torchrun():
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2",
+         str(ROOT / "examples" / "ddp_train.py"), "--steps", "40"],
+        capture_output=True, text=True, timeout=240, env=env, cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "skipped on every rank" in out.stdout and "first seen on rank 1" in out.stdout
+    assert "replicas identical: True" in out.stdout
+
+
+# --------------------------------------------------------------------------------------
+# Tests: one process
+# --------------------------------------------------------------------------------------
+
+
+def test_rank_paths_and_sinks_for_rank():
+    assert ggd.rank_path("logs/run.jsonl", 0) == "logs/run.jsonl"
+    assert ggd.rank_path("logs/run.jsonl", 3) == os.path.join("logs", "run.rank3.jsonl")
+    assert ggd.rank_path(Path("a/run.csv"), 1) == Path("a/run.rank1.csv")
+    fn = lambda kind, payload: None  # noqa: E731
+    sinks = ["run.jsonl", "console", "tensorboard:tb", fn]
+    assert ggd.sinks_for_rank(sinks, "zero", 0) == sinks
+    assert ggd.sinks_for_rank(sinks, "zero", 2) == []
+    assert ggd.sinks_for_rank(sinks, "all", 2) == [
+        "run.rank2.jsonl", "console", f"tensorboard:{os.path.join('tb', 'rank2')}", fn]
+    assert ggd.sinks_for_rank("run.csv", "all", 1) == ["run.rank1.csv"]
+    with pytest.raises(ValueError, match="log_ranks"):
+        ggd.sinks_for_rank(sinks, "some", 1)
+
+
+def test_guard_arguments_without_torch_distributed():
+    model = _model()
+    with pytest.raises(ValueError, match="log_ranks"):
+        gg.Guard(model, sinks=[], log_ranks="rank0")
+    with pytest.raises(ValueError, match="not initialised"):
+        gg.Guard(model, sinks=[], sync_group=object())
+    with pytest.raises(TypeError, match="sync_group"):
+        gg.Guard(model, sinks=[], sync_group=True)
+    guard = gg.Guard(model, sinks=[])
+    assert guard._sync is None
+    with pytest.raises(ValueError, match="does not synchronise"):
+        ggd.register_nonfinite_hook(_FakeDDP(), guard)
+    with pytest.raises(TypeError, match="DistributedDataParallel"):
+        ggd.register_nonfinite_hook(model, guard)
+
+
+class _FakeDDP(torch.nn.parallel.DistributedDataParallel):
+    def __init__(self) -> None:  # no process group needed to fail the Guard check
+        nn.Module.__init__(self)
+
+
+def test_single_process_guard_issues_no_collective(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda *a, **k: calls.append(a))
+    for clip in ("agc", 0.1, "adagc"):
+        model = _model()
+        guard = gg.Guard(model, clip=clip, sinks=[])
+        x, y = _batch(0)
+        F.mse_loss(model(x), y).backward()
+        guard.step()
+    assert calls == []
+
+
+def _fake_sync(world: int, rank: int, op_max: bool = False) -> ggd.GuardSync:
+    sync = ggd.GuardSync.__new__(ggd.GuardSync)
+    sync.world, sync.rank, sync.global_ranks = world, rank, list(range(world))
+    sync.op_max = op_max
+    return sync
+
+
+def test_packed_slots_survive_sum_and_max():
+    """Simulate the all-reduce over 3 ranks, with a MAX that drops NaN as gloo's does:
+    per-rank slots arrive exactly, and NaN beats inf beats finite, as in torch."""
+    inf, nan = math.inf, math.nan
+    values = [[1.0, 0.0, inf, inf], [1.0, 2.0, 1.0, nan], [1.0, 4.0, 2.0, 3.0]]
+    for op_max in (False, True):
+        packs, getters = [], []
+        for rank in range(3):
+            pk = ggd._Packer(op_max=op_max, rank=rank, world=3, dtype=torch.float64,
+                             device=torch.device("cpu"))
+            loss = torch.tensor(nan if rank == 2 else float(rank) - 5.0)
+            getters.append((pk.per_rank(loss), pk.reduce(torch.tensor(values[rank])),
+                            pk.sum(torch.tensor(rank + 1.0))))
+            packs.append(pk)
+        parts = [torch.cat(p.parts) for p in packs]
+        reduced = functools.reduce(torch.fmax if op_max else torch.add, parts)
+        for pk in packs:
+            pk.result = reduced
+        per_rank, red, total = getters[0]
+        losses = per_rank()[:, 0]
+        assert losses[:2].tolist() == [-5.0, -4.0] and math.isnan(losses[2])
+        got = red().tolist()
+        assert got[:3] == ([1.0, 4.0, inf] if op_max else [3.0, 6.0, inf])
+        assert math.isnan(got[3])
+        assert total().item() == 6.0
+
+
+def test_origin_prefers_pre_reduction_evidence():
+    sync = _fake_sync(4, 0)
+    codes = torch.tensor([ggd.LOCAL_NONFINITE, ggd.LOCAL_NONFINITE,
+                          ggd.LOCAL_NONFINITE | ggd.GRAD_NONFINITE,
+                          ggd.LOCAL_NONFINITE | ggd.LOSS_NONFINITE], dtype=torch.float64)
+    info = sync.origin(codes)
+    assert info["first_rank"] == 2 and info["evidence"] == "gradient"
+    assert info["loss_ranks"] == [3] and info["local_ranks"] == [0, 1, 2, 3]
+    info = sync.origin(torch.tensor([0.0, 0.0, ggd.LOCAL_NONFINITE, 0.0]))
+    assert info["first_rank"] == 2 and info["evidence"] == "local"
+    assert sync.origin(torch.zeros(4))["first_rank"] is None
+    assert "rank 2" in ggd.describe_origin(info)
+
+
+@pytest.mark.parametrize("nonfinite", ["zero", "ignore"])
+@pytest.mark.parametrize("clip", [0.5, "zclip", "adagc", "agc", None])
+def test_distributed_step_is_sync_free_on_fake_cuda(monkeypatch, clip, nonfinite):
+    """The packed vector, its decoding and every decision stay on the device: under
+    FakeTensorMode any host read of a "cuda" value raises. (The all-reduce is simulated
+    as the identity: one rank's view of a 2-rank world.)"""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(ggd._Packer, "run",
+                        lambda self, group: setattr(self, "result", torch.cat(self.parts)))
+    with FakeTensorMode():
+        params = [nn.Parameter(torch.randn(s, device="cuda")) for s in [(30, 40), (40,), (4, 4)]]
+        guard = gg.Guard(params, clip=clip, nonfinite=nonfinite, sinks=[], log_every=10_000)
+        sync = _fake_sync(2, 1)
+        sync.__dict__.update(
+            group=None, norm_type=2.0, device=params[0].device, dtype=torch.float64,
+            process_group=None, _members=None, _meshes={}, _cache={}, _loss_bad=None,
+            _grad_bad=None)
+        guard._sync = sync
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            guard.observe_loss(torch.ones((), device="cuda"))
+            assert guard.step() is True
