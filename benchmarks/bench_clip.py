@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import SHAPE_SETS, interleaved_medians, make_params, total_numel  # noqa: E402
+from common import SHAPE_SETS, interleaved_medians, make_params, total_numel
 
-import gradguard as gg  # noqa: E402
+import gradguard as gg
 
 
 def _unitwise_norm(x: torch.Tensor) -> torch.Tensor:
@@ -89,7 +89,7 @@ def main() -> None:
     torch.set_flush_denormal(True)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"median of {args.repeats} interleaved repeats\n")
-    print(f"| shapes | gradguard | ms | reference | ms | ratio |")
+    print("| shapes | gradguard | ms | reference | ms | ratio |")
     print("|---|---|---:|---|---:|---:|")
     for shape_set in args.shapes:
         rows, numel, n = bench(shape_set, args.repeats)

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import gpt2_small_shapes, interleaved_medians, make_params  # noqa: E402
+from common import gpt2_small_shapes, interleaved_medians, make_params
 
-import gradguard as gg  # noqa: E402
+import gradguard as gg
 
 POLICIES = ["fixed:1.0", "autoclip", "zclip", "adagc", "agc", "auto", None]
 
