@@ -475,10 +475,7 @@ def test_fsdp2_equals_single_process_with_one_collective(dist_run, name):
 def test_fsdp2_auto_with_sgd_reads_the_parameter_norm(dist_run):
     ranks, _ = dist_run
     _assert_matches(ranks, "fsdp", "auto-sgd", _reference("auto", sgd=True))
-    if not hasattr(gg.Auto, "wants_param_norm"):
-        pytest.xfail("Auto all-reduces ||theta|| itself until it asks the Guard for it "
-                     "(wants_param_norm / StepNorms.param_norm)")
-    for r in ranks:
+    for r in ranks:  # ||theta|| travels in the Guard's one collective
         assert _counts(r["fsdp"]["auto-sgd"]) == {(1, 1)}
 
 

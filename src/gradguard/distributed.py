@@ -510,20 +510,7 @@ class GuardSync:
 
     def _local_norms(self, groups: _norms.TensorGroups, p: float) -> Tensor:
         """Per-tensor norms of the local tensors (shards), with no communication."""
-        local = _norms.TensorGroups.__new__(_norms.TensorGroups)
-        local.__dict__.update(groups.__dict__)
-        local.shards = {}
-        if math.isinf(p) and any(t.numel() == 0 for t in groups.local):
-            # An uneven FSDP2 split leaves some ranks empty shards, whose inf-norm torch
-            # refuses (no identity for max); their norm is 0.
-            keep = [i for i, t in enumerate(groups.local) if t.numel()]
-            out = torch.zeros(len(groups.local), dtype=groups.norm_dtype, device=groups.device)
-            if not keep:
-                return out
-            values = _norms.TensorGroups([groups.local[i] for i in keep]).norms(p)
-            index = self._tensor(("index", tuple(keep)), keep, torch.int64)
-            return out.index_copy(0, index.to(out.device), values.to(out.dtype))
-        return local.norms(p)
+        return groups.norms(p, reduce=False)
 
     # -- the step ---------------------------------------------------------------------------
 

@@ -420,7 +420,7 @@ class Guard:
         info = StepNorms(norms=norms, total=total, finite=observed, present=present,
                          params=params, optimizers=self.optimizers)
         if want_param_norm:  # the policy asked for ||theta|| (no collective of its own)
-            info.param_norm = param_norm  # type: ignore[attr-defined]
+            info.param_norm = param_norm
         one = torch.ones((), device=self._device)
         nan = torch.full((), math.nan, device=self._device)
         if self.policy is None:
@@ -522,10 +522,7 @@ class Guard:
                          f"{' and more' if len(bad) > 5 else ''}; step skipped{where}"),
                 layers=bad[:5], data=data, rank=rank,
             )
-            if rank == 0 and self.monitor.rank != 0:
-                self.monitor._store_event(event)  # emit() would restamp rank 0 as its own
-            else:
-                self.monitor.emit(event)
+            self.monitor.emit(event, keep_rank=True)  # the rank that saw it, even rank 0
         if self.remedies is not None:
             self.remedies.on_skip(step_no, reason="nonfinite")
 

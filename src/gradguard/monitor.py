@@ -850,18 +850,20 @@ class Monitor:
         for sink in self.sinks:
             sink.write_event(event)
 
-    def emit(self, event: Event) -> None:
+    def emit(self, event: Event, *, keep_rank: bool = False) -> None:
         """Record a host-side event (from the Guard or a remedy) and write it now.
 
         Args:
             event: the event; its ``rank`` is set to the monitor's if left at 0.
+            keep_rank: keep ``event.rank`` as given (an event whose rank names the rank
+                that saw the problem, which may be 0 on another rank's log).
 
         Raises:
             TypeError: if ``event`` is not an :class:`~gradguard.events.Event`.
         """
         if not isinstance(event, Event):
             raise TypeError(f"event must be a gradguard Event, got {type(event).__name__}")
-        if event.rank == 0 and self.rank != 0:
+        if not keep_rank and event.rank == 0 and self.rank != 0:
             event = Event(
                 event.step, event.kind, event.message, event.layers, event.data, self.rank
             )

@@ -208,6 +208,13 @@ def _norm_dtype(dtypes: Iterable[torch.dtype]) -> torch.dtype:
 def _group_norms(
     group: list[Tensor], p: float, foreach: bool | None, device: torch.device, dtype: torch.dtype
 ) -> list[Tensor]:
+    if math.isinf(p) and any(t.numel() == 0 for t in group):
+        # max has no identity, so torch refuses the inf-norm of an empty tensor (an uneven
+        # FSDP2 split leaves some ranks empty shards); their norm is 0.
+        keep = [t for t in group if t.numel()]
+        it = iter(_group_norms(keep, p, foreach, device, dtype) if keep else [])
+        zero = torch.zeros((), device=device, dtype=_accum_dtype(dtype) or dtype)
+        return [next(it) if t.numel() else zero for t in group]
     acc = _accum_dtype(dtype)
     if _foreach_ok(group, device, foreach):
         if acc is None:
@@ -342,8 +349,17 @@ class TensorGroups:
     def __len__(self) -> int:
         return len(self.tensors)
 
-    def norms(self, norm_type: float, foreach: bool | None = None) -> Tensor:
-        """Per-tensor norms of the full tensors, in input order, on :attr:`device`."""
+    def norms(
+        self, norm_type: float, foreach: bool | None = None, *, reduce: bool = True
+    ) -> Tensor:
+        """Per-tensor norms, in input order, on :attr:`device`.
+
+        Args:
+            norm_type: the order p.
+            foreach: use foreach kernels (``None``: where supported).
+            reduce: combine DTensor shards into full-tensor norms (collectives); ``False``
+                gives the norms of the local shards, with no communication.
+        """
         p = norm_type
         if not self.local:
             return torch.zeros(0)
@@ -360,7 +376,7 @@ class TensorGroups:
                 for i, n in zip(idx, stacked.unbind(0), strict=True):
                     ordered[i] = n
             norms = torch.stack(ordered)  # type: ignore[arg-type]
-        if self.shards:
+        if self.shards and reduce:
             norms = _reduce_shard_norms(norms, self.shards, p)
         return norms
 

@@ -62,6 +62,9 @@ class StepNorms:
         params: the guarded parameters (for policies relative to parameter norms).
         optimizers: the optimizers the Guard is attached to (for policies that read the
             learning rate); empty when the Guard is called by hand.
+        param_norm: the norm of all parameters, when the policy asked for it with
+            ``wants_param_norm(optimizers)`` (the Guard computes it, inside its one
+            collective when distributed); ``None`` otherwise.
     """
 
     norms: Tensor
@@ -70,6 +73,7 @@ class StepNorms:
     present: Tensor | None = None
     params: Sequence[Tensor] = ()
     optimizers: Sequence[torch.optim.Optimizer] = field(default_factory=tuple)
+    param_norm: Tensor | None = None
 
 
 class ThresholdPolicy:
@@ -664,11 +668,15 @@ class Auto(ThresholdPolicy):
         total = step.total
         inf = torch.full_like(total, math.inf)
         lr_eff = sgd_effective_lr(step.optimizers)
-        if lr_eff is not None and lr_eff > 0 and step.params:
-            if self._calls % self.param_norm_every == 0 or not self._have_param_norm:
-                with torch.no_grad():
-                    norms = TensorGroups(list(step.params)).norms(2.0)
-                self.param_norm = torch.linalg.vector_norm(norms).to(total.device, total.dtype)
+        if lr_eff is not None and lr_eff > 0 and (step.params or step.param_norm is not None):
+            if self._refresh_due():
+                if step.param_norm is not None:  # computed by the Guard (one collective)
+                    fresh = step.param_norm
+                else:
+                    with torch.no_grad():
+                        fresh = torch.linalg.vector_norm(
+                            TensorGroups(list(step.params)).norms(2.0))
+                self.param_norm = fresh.to(total.device, total.dtype)
                 self._have_param_norm = True
             trust = (self.rho / lr_eff) * self.param_norm.to(total.dtype)
         else:
@@ -687,6 +695,15 @@ class Auto(ThresholdPolicy):
         self.log_ema = torch.where(step.finite, ema, self.log_ema)
         self.count = self.count + step.finite.to(torch.int64)
         return coef, threshold
+
+    def _refresh_due(self) -> bool:
+        return self._calls % self.param_norm_every == 0 or not self._have_param_norm
+
+    def wants_param_norm(self, optimizers: Sequence[torch.optim.Optimizer]) -> bool:
+        """Whether this step's :meth:`compute` needs ``||theta||`` (the Guard then supplies
+        it in ``StepNorms.param_norm``, within its one collective when distributed)."""
+        lr_eff = sgd_effective_lr(optimizers)
+        return lr_eff is not None and lr_eff > 0 and self._refresh_due()
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
