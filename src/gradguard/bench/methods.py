@@ -141,11 +141,13 @@ class MethodContext:
         optimizer: its optimizer; the controller must call ``optimizer.step()`` itself
             (or have it called, e.g. by a hook), unless it skips the step.
         head: the parameters of the final (read-out) layer, which AGC does not clip.
+        log: where a method that keeps a log (the Guard) writes it, or ``None``.
     """
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
     head: tuple[nn.Parameter, ...] = ()
+    log: str | None = None  # a JSONL path for methods that keep a log (the Guard's)
 
     def parameters(self) -> list[nn.Parameter]:
         """All trainable parameters of the model, in order."""
@@ -559,10 +561,27 @@ policy_arg.format = lambda v: f"{v:g}" if isinstance(v, float) else str(v)  # ty
 def _guard(ctx: MethodContext, policy: float | str) -> Controller:
     import gradguard as gg
 
-    guard = gg.Guard(ctx.model, clip=policy, sinks=[]).attach(ctx.optimizer)
-    # clipping (and skipping non-finite steps) now runs inside optimizer.step()
-    return StepThenReport(ctx.optimizer, lambda: StepInfo(
-        guard.last["pre_norm"], guard.last["clipped"], guard.last["skipped"]))
+    sinks = [ctx.log] if ctx.log else []
+    guard = gg.Guard(ctx.model, clip=policy, sinks=sinks, log_every=10 if ctx.log else 100)
+    guard.attach(ctx.optimizer)  # clipping and skipping now run inside optimizer.step()
+    return GuardController(ctx.optimizer, guard)
+
+
+class GuardController(StepThenReport):
+    """The controller of the ``guard`` methods; it also hands the loss to the Guard (for
+    its log) and exposes the Guard itself."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, guard: Any) -> None:
+        super().__init__(optimizer, lambda: StepInfo(
+            guard.last["pre_norm"], guard.last["clipped"], guard.last["skipped"]))
+        self.guard = guard
+
+    def observe_loss(self, loss: Tensor) -> None:
+        self.guard.observe_loss(loss)
+
+    def close(self) -> None:
+        """Flush the Guard's log and detach it from the optimizer."""
+        self.guard.close()
 
 
 for _policy in ("auto", "autoclip", "zclip", "adagc"):

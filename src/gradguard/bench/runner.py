@@ -170,6 +170,8 @@ def run_one(
     *,
     full_trace: bool = False,
     trace_points: int = 60,
+    log: str | None = None,
+    keep: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train ``task`` with ``method`` at learning rate ``lr`` from ``seed``; return the result.
 
@@ -184,6 +186,8 @@ def run_one(
         steps: training steps (``None``: the task's, 300).
         full_trace: also return every step's loss, norm and clipped flag.
         trace_points: the number of points of the downsampled trace.
+        log: a JSONL path for methods that keep a log (the Guard's); it also gets the loss.
+        keep: if given, filled with the trained ``model`` and the ``controller``.
 
     Returns:
         A JSON-ready dict: ``task, method, lr, seed, steps, steps_run, metric`` (raw),
@@ -206,7 +210,10 @@ def run_one(
 
     model = t.build_model(seed)
     optimizer = t.build_optimizer(model.parameters(), lr)
-    ctl = m.build(_methods.MethodContext(model, optimizer, tuple(t.head_parameters(model))))
+    ctl = m.build(
+        _methods.MethodContext(model, optimizer, tuple(t.head_parameters(model)), log=log)
+    )
+    observe_loss = getattr(ctl, "observe_loss", None)
     sample = t.new_sampler(t.batch_generator(seed))
     corrupt = t.corruption_steps(seed, n_steps)
 
@@ -226,6 +233,8 @@ def run_one(
         optimizer.zero_grad(set_to_none=True)
         loss = t.loss(model, batch)
         loss.backward()
+        if observe_loss is not None:
+            observe_loss(loss)
         c1 = time.process_time()
         info = ctl.step()
         c2 = time.process_time()
@@ -242,6 +251,9 @@ def run_one(
             break
     wall = time.perf_counter() - wall0
     steps_run = len(losses)
+    close = getattr(ctl, "close", None)
+    if close is not None:
+        close()
 
     metric = final_loss = math.nan
     if reason is None and not _params_finite(model):
@@ -283,6 +295,8 @@ def run_one(
     }
     if full_trace:
         result["full"] = {"loss": losses, "grad_norm": norms, "clipped": clipped}
+    if keep is not None:
+        keep.update(model=model, controller=ctl)
     return result
 
 
