@@ -36,22 +36,24 @@ def _init_worker() -> None:
     torch.set_flush_denormal(True)
 
 
-def _run(job: tuple[str, str, float, int]) -> dict[str, Any]:
+def _run(job: tuple[str, str, float, int, int | None]) -> dict[str, Any]:
     from gradguard.bench import runner
 
-    task, method, lr, seed = job
-    result = runner.run_one(task, method, lr, seed)
+    task, method, lr, seed, steps = job
+    result = runner.run_one(task, method, lr, seed, steps)
     result.pop("trace", None)
     return result
 
 
-def _logged_run(task: str, lr: float, seed: int, log: Path) -> tuple[dict[str, Any], Any]:
+def _logged_run(
+    task: str, lr: float, seed: int, steps: int | None, log: Path
+) -> tuple[dict[str, Any], Any]:
     """The Guard's run of ``seed`` again, in this process, with its JSONL log (the same
     numbers as the worker's run: one thread, same seed)."""
     from gradguard.bench import runner
 
     keep: dict[str, Any] = {}
-    result = runner.run_one(task, "auto", lr, seed, log=str(log), keep=keep)
+    result = runner.run_one(task, "auto", lr, seed, steps, log=str(log), keep=keep)
     return result, keep["controller"].guard
 
 
@@ -79,23 +81,29 @@ def cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, default=3, help="seeds per method (default 3)")
     parser.add_argument("--workers", type=int, default=2,
                         help="worker processes, one torch thread each (default 2)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps per run (default: the task's, 300)")
     parser.add_argument("--out", default="report.html", help="the HTML report to write")
 
 
 def cli_main(args: argparse.Namespace) -> int:
     from gradguard.bench import tasks
 
-    if args.seeds < 1 or args.workers < 1 or not (math.isfinite(args.lr) and args.lr > 0):
-        raise SystemExit("gradguard demo: --seeds and --workers must be >= 1, --lr > 0")
+    if (args.seeds < 1 or args.workers < 1 or not (math.isfinite(args.lr) and args.lr > 0)
+            or (args.steps is not None and args.steps < 1)):
+        raise SystemExit("gradguard demo: --seeds, --workers and --steps must be >= 1, "
+                         f"--lr > 0 (got seeds={args.seeds}, workers={args.workers}, "
+                         f"steps={args.steps}, lr={args.lr})")
     _init_worker()
     t = tasks.get_task(args.task)
     t0 = time.perf_counter()
-    print(f"gradguard demo: {t.spec}, learning rate {args.lr:g}, {t.steps} steps, "
+    steps = args.steps or t.steps
+    print(f"gradguard demo: {t.spec}, learning rate {args.lr:g}, {steps} steps, "
           f"seeds 0-{args.seeds - 1}")
     print("  " + " ".join((type(t).__doc__ or "").split(".")[0].split()) + ".")
     print(f"  {_probe_line(t.spec, 0)}\n")
 
-    jobs = [(t.spec, m, args.lr, s) for m, _ in METHODS for s in range(args.seeds)]
+    jobs = [(t.spec, m, args.lr, s, args.steps) for m, _ in METHODS for s in range(args.seeds)]
     if args.workers == 1:
         results = [_run(j) for j in jobs]
     else:
@@ -104,7 +112,7 @@ def cli_main(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     log = out.with_suffix(".jsonl")
-    logged, guard = _logged_run(t.spec, args.lr, 0, log)
+    logged, guard = _logged_run(t.spec, args.lr, 0, args.steps, log)
     events = Counter(e.kind for e in guard.events)
 
     metric = "test accuracy" if t.higher_is_better else t.metric_name
