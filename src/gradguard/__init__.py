@@ -17,6 +17,7 @@ from gradguard.init import InitReport, activation_gain, init_model
 from gradguard.monitor import Monitor
 from gradguard.norms import get_total_norm, tensor_norms, total_norm, unit_norms
 from gradguard.probe import FixResult, ProbeReport, probe
+from gradguard.remedies import LRBackoff, Remedies, Rollback, TrainingDiverged
 from gradguard.thresholds import AGC, AdaGC, Auto, AutoClip, Fixed, ThresholdPolicy, ZClip
 
 __version__ = "0.1.0"
@@ -31,10 +32,14 @@ __all__ = [
     "Fixed",
     "Guard",
     "InitReport",
+    "LRBackoff",
     "Monitor",
     "NonFiniteGradientError",
     "ProbeReport",
+    "Remedies",
+    "Rollback",
     "ThresholdPolicy",
+    "TrainingDiverged",
     "ZClip",
     "__version__",
     "activation_gain",
