@@ -255,7 +255,41 @@ class _RNNRegressor(nn.Module):
         return self.head(out[:, -1]).squeeze(-1)
 
 
-class AddingRNN(Task):
+class _ArrayTask(Task):
+    """A task whose data are arrays ``x``/``y`` (train) and ``x_test``/``y_test``, sampled in
+    epochs of shuffled batches."""
+
+    def new_sampler(self, gen: torch.Generator) -> Callable[[int], Batch]:
+        d = self.data()
+        sampler = _EpochSampler(d["x"].shape[0], self.batch_size, gen)
+
+        def sample(step: int) -> Batch:
+            idx = sampler.next()
+            return d["x"][idx], d["y"][idx]
+
+        return sample
+
+
+class _RegressionTask(_ArrayTask):
+    """Mean-squared-error regression; the metric is the test MSE."""
+
+    metric_name = "test_mse"
+    higher_is_better = False
+
+    def loss(self, model: nn.Module, batch: Batch) -> Tensor:
+        x, y = batch
+        return F.mse_loss(model(x), y)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> tuple[float, float]:
+        d = self.data()
+        model.eval()
+        mse = float(F.mse_loss(model(d["x_test"]), d["y_test"]))
+        model.train()
+        return mse, mse
+
+
+class AddingRNN(_RegressionTask):
     """A tanh ``nn.RNN`` (128 units) on the adding problem with T = 50.
 
     Recurrent weights are drawn from N(0, 1.5²/H): a spectral radius about 1.5, so the
@@ -271,8 +305,6 @@ class AddingRNN(Task):
     """
 
     name = "adding-rnn"
-    metric_name = "test_mse"
-    higher_is_better = False
     references = (
         "Hochreiter & Schmidhuber 1997, Long Short-Term Memory (Experiment 4: adding)",
         "Pascanu, Mikolov & Bengio 2013, On the difficulty of training recurrent neural "
@@ -309,27 +341,6 @@ class AddingRNN(Task):
     def head_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         return list(model.head.parameters())  # type: ignore[union-attr]
 
-    def new_sampler(self, gen: torch.Generator) -> Callable[[int], Batch]:
-        d = self.data()
-        sampler = _EpochSampler(self.n_train, self.batch_size, gen)
-
-        def sample(step: int) -> Batch:
-            idx = sampler.next()
-            return d["x"][idx], d["y"][idx]
-
-        return sample
-
-    def loss(self, model: nn.Module, batch: Batch) -> Tensor:
-        x, y = batch
-        return F.mse_loss(model(x), y)
-
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> tuple[float, float]:
-        d = self.data()
-        model.eval()
-        mse = float(F.mse_loss(model(d["x_test"]), d["y_test"]))
-        model.train()
-        return mse, mse
 
 
 # ======================================================================================
@@ -362,7 +373,7 @@ def _digits() -> dict[str, Any]:
     }
 
 
-class DeepMLPDigits(Task):
+class DeepMLPDigits(_ArrayTask):
     """A 50-layer ReLU MLP (50 linear layers, width 64), He init, no normalisation, on
     scikit-learn's digits standardised (1,500 train / 297 test). SGD momentum 0.9,
     batch 128, 300 steps (25 epochs). Metric: test accuracy.
@@ -408,16 +419,6 @@ class DeepMLPDigits(Task):
 
     def head_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         return list(model[-1].parameters())  # type: ignore[index]
-
-    def new_sampler(self, gen: torch.Generator) -> Callable[[int], Batch]:
-        d = self.data()
-        sampler = _EpochSampler(d["x"].shape[0], self.batch_size, gen)
-
-        def sample(step: int) -> Batch:
-            idx = sampler.next()
-            return d["x"][idx], d["y"][idx]
-
-        return sample
 
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
         x, y = batch
@@ -501,7 +502,7 @@ class SpikeInjection(DeepMLPDigits):
 # ======================================================================================
 
 
-class DeepLinear(Task):
+class DeepLinear(_RegressionTask):
     """20 linear layers (width 32, no biases), weights N(0, 1.2²/fan_in), fitting a random
     linear teacher ``y = A x`` with ``A ~ N(0, 1/32)`` and ``x ~ N(0, I)``.
 
@@ -521,8 +522,6 @@ class DeepLinear(Task):
     """
 
     name = "deep-linear"
-    metric_name = "test_mse"
-    higher_is_better = False
     references = (
         "Saxe, McClelland & Ganguli 2014, Exact solutions to the nonlinear dynamics of "
         "learning in deep linear neural networks, arXiv:1312.6120",
@@ -562,25 +561,6 @@ class DeepLinear(Task):
     def head_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         return list(model[-1].parameters())  # type: ignore[index]
 
-    def new_sampler(self, gen: torch.Generator) -> Callable[[int], Batch]:
-        d = self.data()
-        sampler = _EpochSampler(self.n_train, self.batch_size, gen)
-
-        def sample(step: int) -> Batch:
-            idx = sampler.next()
-            return d["x"][idx], d["y"][idx]
-
-        return sample
-
-    def loss(self, model: nn.Module, batch: Batch) -> Tensor:
-        x, y = batch
-        return F.mse_loss(model(x), y)
-
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> tuple[float, float]:
-        d = self.data()
-        mse = float(F.mse_loss(model(d["x_test"]), d["y_test"]))
-        return mse, mse
 
 
 # ======================================================================================
