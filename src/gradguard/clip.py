@@ -17,17 +17,16 @@ References:
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from gradguard import norms as _norms
+from gradguard._validation import check_threshold
 from gradguard.norms import TensorOrTensors
 
 __all__ = [
-    "check_threshold",
     "clip_grad_agc_",
     "clip_grad_block_rms_",
     "clip_grad_norm_",
@@ -40,31 +39,6 @@ __all__ = [
 # torch's guard against division by zero in clip_grad_norm_; kept identical so that the
 # results are bitwise equal to torch's on fp32.
 _NORM_EPS = 1e-6
-
-
-def check_threshold(value: object, name: str, *, positive: bool = False) -> float:
-    """Validate a clipping threshold: a finite real number, ``>= 0`` (``> 0`` if ``positive``).
-
-    Args:
-        value: the threshold given by the user.
-        name: the argument name, for the error message.
-        positive: reject zero as well.
-
-    Returns:
-        ``value`` as a float.
-
-    Raises:
-        TypeError: if ``value`` is not a real number.
-        ValueError: if it is NaN, infinite, negative (or zero when ``positive``).
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    v = float(value)
-    if math.isnan(v) or math.isinf(v):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    if v < 0 or (positive and v == 0):
-        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value!r}")
-    return v
 
 
 def scale_grads_(

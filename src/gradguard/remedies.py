@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from gradguard._validation import check_int
 from gradguard.events import CallbackSink, Event
 
 if TYPE_CHECKING:
@@ -48,14 +49,6 @@ __all__ = ["LRBackoff", "Remedies", "Rollback", "TrainingDiverged"]
 
 class TrainingDiverged(RuntimeError):
     """Raised when the remedy ladder is exhausted: the run cannot be saved automatically."""
-
-
-def _positive_int(value: object, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return value
 
 
 @dataclass
@@ -79,10 +72,10 @@ class LRBackoff:
     def __post_init__(self) -> None:
         if not (isinstance(self.factor, (int, float)) and 0 < self.factor < 1):
             raise ValueError(f"factor must be in (0, 1), got {self.factor!r}")
-        _positive_int(self.spikes, "spikes")
-        _positive_int(self.window, "window")
-        _positive_int(self.recovery_steps, "recovery_steps")
-        _positive_int(self.max_times, "max_times", 0)
+        check_int(self.spikes, "spikes", 1)
+        check_int(self.window, "window", 1)
+        check_int(self.recovery_steps, "recovery_steps", 1)
+        check_int(self.max_times, "max_times", 0)
 
 
 @dataclass
@@ -106,8 +99,8 @@ class Rollback:
     max_times: int = 3
 
     def __post_init__(self) -> None:
-        _positive_int(self.skip_batches, "skip_batches", 0)
-        _positive_int(self.max_times, "max_times", 0)
+        check_int(self.skip_batches, "skip_batches", 0)
+        check_int(self.max_times, "max_times", 0)
         if self.loss_factor is not None and not (
             isinstance(self.loss_factor, (int, float)) and self.loss_factor > 1
         ):
@@ -142,7 +135,7 @@ class Remedies:
         rollback: Rollback | bool | None = None,
         abort: bool = True,
     ) -> None:
-        self.skip_budget = _positive_int(skip_budget, "skip_budget")
+        self.skip_budget = check_int(skip_budget, "skip_budget", 1)
         self.lr_backoff = LRBackoff() if lr_backoff is True else (lr_backoff or None)
         self.rollback = Rollback() if rollback is True else (rollback or None)
         self.abort = bool(abort)

@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from gradguard.clip import check_threshold
+from gradguard._validation import check_fraction, check_int, check_threshold
 
 __all__ = [
     "AGC",
@@ -197,21 +197,6 @@ def _coef_strict(threshold: Tensor, norm: Tensor) -> Tensor:
     return torch.where(norm > threshold, threshold / (norm + NORM_EPS), torch.ones_like(norm))
 
 
-def _check_fraction(value: object, name: str) -> float:
-    v = check_threshold(value, name)
-    if not 0.0 <= v < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-    return v
-
-
-def _check_count(value: object, name: str, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return value
-
-
 # --------------------------------------------------------------------------------------
 # Fixed
 # --------------------------------------------------------------------------------------
@@ -280,7 +265,7 @@ class AutoClip(ThresholdPolicy):
         if p > 100:
             raise ValueError(f"percentile must be in [0, 100], got {percentile!r}")
         self.percentile = p
-        self.window = _check_count(window, "window", 1)
+        self.window = check_int(window, "window", 1)
 
     def config(self) -> dict[str, Any]:
         return {"percentile": self.percentile, "window": self.window}
@@ -350,9 +335,9 @@ class ZClip(ThresholdPolicy):
         max_norm: float | None = None,
     ) -> None:
         super().__init__()
-        self.alpha = _check_fraction(alpha, "alpha")
+        self.alpha = check_fraction(alpha, "alpha")
         self.z_thresh = check_threshold(z_thresh, "z_thresh", positive=True)
-        self.warmup_steps = _check_count(warmup_steps, "warmup_steps", 1)
+        self.warmup_steps = check_int(warmup_steps, "warmup_steps", 1)
         self.max_norm = None if max_norm is None else check_threshold(max_norm, "max_norm")
 
     def config(self) -> dict[str, Any]:
@@ -444,8 +429,8 @@ class AdaGC(ThresholdPolicy):
     ) -> None:
         super().__init__()
         self.rel = check_threshold(rel, "rel", positive=True)
-        self.beta = _check_fraction(beta, "beta")
-        self.warmup_steps = _check_count(warmup_steps, "warmup_steps", 0)
+        self.beta = check_fraction(beta, "beta")
+        self.warmup_steps = check_int(warmup_steps, "warmup_steps", 0)
         self.max_norm = check_threshold(max_norm, "max_norm")
 
     def config(self) -> dict[str, Any]:
@@ -647,9 +632,9 @@ class Auto(ThresholdPolicy):
         self.spike_factor = check_threshold(spike_factor, "spike_factor", positive=True)
         if self.spike_factor <= 1:
             raise ValueError(f"spike_factor must be > 1, got {spike_factor!r}")
-        self.beta = _check_fraction(beta, "beta")
-        self.warmup_steps = _check_count(warmup_steps, "warmup_steps", 0)
-        self.param_norm_every = _check_count(param_norm_every, "param_norm_every", 1)
+        self.beta = check_fraction(beta, "beta")
+        self.warmup_steps = check_int(warmup_steps, "warmup_steps", 0)
+        self.param_norm_every = check_int(param_norm_every, "param_norm_every", 1)
         self._calls = 0  # host-side: when to refresh the parameter norm
         self._have_param_norm = False
 
