@@ -592,31 +592,23 @@ def num_units(t: Tensor) -> int:
 def unit_groups(tensors: Sequence[Tensor]) -> list[list[int]]:
     """Partition tensor indices into groups whose unit norms are computed together.
 
-    Small tensors of one (device, dtype, shape) are stacked (in chunks); vectors and
-    scalars of one (device, dtype, ndim) share a foreach call; large or empty tensors are
-    alone. The partition depends on shapes only, so gradients and their parameters (same
-    shapes) can share it.
+    Tensors of one (device, dtype, shape) are stacked and reduced together, in chunks of
+    at most ``_UNIT_STACK_MAX_NUMEL`` elements; matrices of ``_UNIT_BATCH_MAX_NUMEL``
+    elements or more, and empty tensors, are alone. The partition depends on shapes only,
+    so gradients and their parameters (same shapes) can share it.
     """
-    keyed: dict[tuple, list[int]] = {}
-    chunk_numel: dict[tuple, int] = {}
-    groups: list[list[int]] = []
+    by_key: dict[tuple, list[int]] = {}
     for i, t in enumerate(tensors):
-        size = t.size()  # t.size() is several times cheaper than t.shape in a hot loop
-        n = t.numel()
-        ndim = len(size)
-        if n == 0 or (ndim >= 2 and n >= _UNIT_BATCH_MAX_NUMEL):
-            groups.append([i])
+        # t.size() is several times cheaper than t.shape in a loop over thousands of tensors
+        by_key.setdefault((t.device, t.dtype, t.size()), []).append(i)
+    groups: list[list[int]] = []
+    for (_, _, size), idx in by_key.items():
+        numel = math.prod(size)
+        if numel == 0 or (len(size) >= 2 and numel >= _UNIT_BATCH_MAX_NUMEL):
+            groups.extend([i] for i in idx)
             continue
-        key = (t.device, t.dtype, ndim if ndim < 2 else size)
-        chunk = keyed.get(key)
-        if chunk is not None and chunk_numel[key] + n > _UNIT_STACK_MAX_NUMEL:
-            chunk = None  # start a new chunk: the stacked copy stays bounded
-        if chunk is None:
-            chunk = keyed[key] = []
-            chunk_numel[key] = 0
-            groups.append(chunk)
-        chunk.append(i)
-        chunk_numel[key] += n
+        per_chunk = max(1, _UNIT_STACK_MAX_NUMEL // numel)  # the stacked copy stays bounded
+        groups.extend(idx[k:k + per_chunk] for k in range(0, len(idx), per_chunk))
     return groups
 
 
