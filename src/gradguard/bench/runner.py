@@ -65,6 +65,7 @@ import torch
 
 from gradguard.bench import methods as _methods
 from gradguard.bench import tasks as _tasks
+from gradguard.bench.diagnose import diagnose_task
 
 __all__ = [
     "DEFAULT_LRS",
@@ -719,6 +720,7 @@ def build_results(
         },
         "tasks": tasks_info,
         "aggregates": aggregate(runs, tasks_info, info["metas"]),
+        "diagnosis": {ts: diagnose_task(ts, runs, tasks_info[ts]) for ts in info["tasks"]},
         "spike": spike_summary(runs),
         "errors": [r for r in runs if "error" in r],
         "runs": [r for r in runs if "error" not in r],
@@ -767,6 +769,11 @@ def markdown_table(results: dict[str, Any]) -> str:
             f"{_fmt(tinfo['trivial_metric'])}; divergence cap on final loss "
             f"{_fmt(tinfo['loss_cap'])}",
             "",
+        ]
+        diagnosis = results.get("diagnosis", {}).get(task)
+        if diagnosis:
+            lines += [f"**Diagnosis:** {diagnosis['message']}.", ""]
+        lines += [
             "| method | div. rate | max stable lr | best (lr) | mean over grid ± seeds "
             "| clipped | ms/step | ctl overhead ms |",
             "|---|---|---|---|---|---|---|---|",

@@ -435,6 +435,7 @@ def render_bench_report(results_or_path: Any, *, title: str | None = None) -> st
     runs = [r for r in (res.get("runs") or []) if isinstance(r, Mapping)]
     spike = [s for s in (res.get("spike") or []) if isinstance(s, Mapping)]
     errors = [e for e in (res.get("errors") or []) if isinstance(e, Mapping)]
+    diagnosis = res.get("diagnosis") if isinstance(res.get("diagnosis"), Mapping) else {}
 
     order: list[str] = [str(t) for t in tasks_info]
     for r in list(aggs) + list(runs):
@@ -484,6 +485,10 @@ def render_bench_report(results_or_path: Any, *, title: str | None = None) -> st
         rows = [r for r in aggs if str(r.get("task")) == task]
         body.append(f'<h2 id="{esc(slugs[task])}">{esc(task)}</h2>')
         body.append(_task_header(task, info))
+        verdict = diagnosis.get(task)
+        if isinstance(verdict, Mapping) and verdict.get("message"):
+            body.append('<section class="diagnosis"><h2>Diagnosis</h2><ul><li>'
+                        f'{esc(verdict["message"])}</li></ul></section>')
         trivial = _f(info.get("trivial_metric"))
         lines = _lines_for_task(task, runs, rows, trivial)
         if lines:
