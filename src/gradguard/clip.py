@@ -79,9 +79,8 @@ def clip_grads_with_norm_(
         The clamped coefficient that was applied (a 0-d tensor on ``total_norm``'s device).
     """
     max_norm = check_threshold(max_norm, "max_norm")
-    grads = _norms.get_grads(parameters)
     coef = torch.clamp(max_norm / (total_norm + _NORM_EPS), max=1.0)
-    _norms.TensorGroups(grads).mul_(coef, foreach)
+    _norms.grad_groups(parameters).mul_(coef, foreach)
     return coef
 
 
@@ -131,10 +130,9 @@ def clip_grad_norm_(
     """
     max_norm = check_threshold(max_norm, "max_norm")
     p = _norms.validate_norm_type(norm_type)
-    grads = _norms.get_grads(parameters)
-    if not grads:
+    groups = _norms.grad_groups(parameters)
+    if not groups.tensors:
         return torch.tensor(0.0)
-    groups = _norms.TensorGroups(grads)
     total = _norms.total_norm(groups.norms(p, foreach), p, process_group=process_group)
     if error_if_nonfinite:
         _norms.raise_if_nonfinite(total, p)
@@ -157,7 +155,7 @@ def clip_grad_value_(
         foreach: use foreach kernels (``None``: where supported).
     """
     clip_value = check_threshold(clip_value, "clip_value")
-    _norms.TensorGroups(_norms.get_grads(parameters)).clamp_(clip_value, foreach)
+    _norms.grad_groups(parameters).clamp_(clip_value, foreach)
 
 
 def _coef_from_norms(limit: Tensor | float, norms: Tensor) -> Tensor:
@@ -192,10 +190,9 @@ def clip_grad_norm_per_tensor_(
     """
     max_norm = check_threshold(max_norm, "max_norm")
     p = _norms.validate_norm_type(norm_type)
-    grads = _norms.get_grads(parameters)
-    if not grads:
+    groups = _norms.grad_groups(parameters)
+    if not groups.tensors:
         return torch.tensor(0.0)
-    groups = _norms.TensorGroups(grads)
     per_tensor = groups.norms(p, foreach)
     groups.mul_(_coef_from_norms(max_norm, per_tensor), foreach)
     return _norms.total_norm(per_tensor, p)
@@ -221,10 +218,10 @@ def clip_grad_block_rms_(
         optax ``optax.clip_by_block_rms``.
     """
     threshold = check_threshold(threshold, "threshold", positive=True)
-    grads = _norms.get_grads(parameters)
+    groups = _norms.grad_groups(parameters)
+    grads = groups.tensors
     if not grads:
         return torch.tensor(0.0)
-    groups = _norms.TensorGroups(grads)
     per_tensor = groups.norms(2.0, foreach)
     # numel of a DTensor is the global size, as the RMS of the full tensor needs. The
     # scalars travel as kernel arguments: no host->device copy.
@@ -285,7 +282,7 @@ def clip_grad_agc_(
     if not grads:
         return torch.tensor(0.0)
     params = [p for p in every if p.grad is not None]
-    g_groups = _norms.TensorGroups(grads)
+    g_groups = _norms.TensorGroups(grads, validate=False)  # get_grads validated
     g_local = g_groups.local
     w_local, _ = _norms._localize(params)  # read under no_grad: no detach needed
     units = AgcUnits(g_local, g_groups.shards)

@@ -322,8 +322,7 @@ class Guard:
                 self._sync.discard()
             return True
         grads_present = [grads[i] for i in present_idx]
-        _norms._validate(grads_present, "parameters[{}].grad")
-        groups = _norms.TensorGroups(grads_present)
+        groups = _norms.TensorGroups(grads_present, what="parameters[{}].grad")
         p = self.norm_type
         all_present = len(present_idx) == len(params)
 

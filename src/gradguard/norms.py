@@ -28,6 +28,7 @@ import math
 import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -62,6 +63,25 @@ _UNIT_STACK_MAX_NUMEL = 1 << 24
 # --------------------------------------------------------------------------------------
 
 
+def _as_list(tensors: TensorOrTensors, name: str) -> list[Any]:
+    if isinstance(tensors, Tensor):
+        return [tensors]
+    if isinstance(tensors, (str, bytes)) or not isinstance(tensors, Iterable):
+        raise TypeError(
+            f"{name} must be a Tensor or an iterable of Tensors, got {type(tensors).__name__}"
+        )
+    return list(tensors)
+
+
+def _raise_not_tensor(items: list[Any], name: str) -> None:
+    for i, t in enumerate(items):
+        if not isinstance(t, Tensor):
+            raise TypeError(
+                f"{name}[{i}] must be a Tensor, got {type(t).__name__}; pass model.parameters() "
+                "or a list of tensors"
+            )
+
+
 def as_tensor_list(tensors: TensorOrTensors, name: str = "parameters") -> list[Tensor]:
     """Turn a tensor, an iterable of tensors or ``model.parameters()`` into a list.
 
@@ -75,19 +95,8 @@ def as_tensor_list(tensors: TensorOrTensors, name: str = "parameters") -> list[T
     Raises:
         TypeError: if ``tensors`` is not a tensor or an iterable of tensors.
     """
-    if isinstance(tensors, Tensor):
-        return [tensors]
-    if isinstance(tensors, (str, bytes)) or not isinstance(tensors, Iterable):
-        raise TypeError(
-            f"{name} must be a Tensor or an iterable of Tensors, got {type(tensors).__name__}"
-        )
-    out = list(tensors)
-    for i, t in enumerate(out):
-        if not isinstance(t, Tensor):
-            raise TypeError(
-                f"{name}[{i}] must be a Tensor, got {type(t).__name__}; pass model.parameters() "
-                "or a list of tensors"
-            )
+    out = _as_list(tensors, name)
+    _raise_not_tensor(out, name)
     return out
 
 
@@ -101,16 +110,17 @@ def _check_floating(t: Tensor, what: str) -> None:
         raise TypeError(f"{what} has dtype {t.dtype}; gradients must be floating point")
 
 
-def _validate(tensors: list[Tensor], what: str) -> None:
-    # Cheap on the common path: one attribute per tensor and one check per dtype.
-    strided = torch.strided
-    for i, t in enumerate(tensors):
-        if t.layout != strided:
-            _check_floating(t, what.format(i))
-    for dtype in {t.dtype for t in tensors}:
-        if not dtype.is_floating_point:
-            i = next(i for i, t in enumerate(tensors) if t.dtype == dtype)
+def _check_keys(tensors: list[Tensor], keys: set[tuple], what: str) -> None:
+    """Raise for the first tensor of a bad (layout, dtype), given the scanned keys."""
+    for _, layout, dtype, _ in keys:
+        if layout != torch.strided or not dtype.is_floating_point:
+            i = next(i for i, t in enumerate(tensors) if (t.layout, t.dtype) == (layout, dtype))
             _check_floating(tensors[i], what.format(i))
+
+
+def _validate(tensors: list[Tensor], what: str) -> None:
+    # One pass over the tensors, then one check per distinct (layout, dtype).
+    _check_keys(tensors, {(None, t.layout, t.dtype, None) for t in tensors}, what)
 
 
 def get_grads(parameters: TensorOrTensors, name: str = "parameters") -> list[Tensor]:
@@ -126,8 +136,12 @@ def get_grads(parameters: TensorOrTensors, name: str = "parameters") -> list[Ten
     Raises:
         TypeError: on sparse or non-floating gradients.
     """
-    params = as_tensor_list(parameters, name)
-    grads = [p.grad for p in params if p.grad is not None]
+    params = _as_list(parameters, name)
+    try:
+        grads = [g for p in params if (g := p.grad) is not None]
+    except AttributeError:  # not a tensor: say which (checked only here, off the hot path)
+        _raise_not_tensor(params, name)
+        raise
     if len(grads) == len(params):
         _validate(grads, name + "[{}].grad")
     else:  # name the parameter by its own index, not its index among the gradients
@@ -135,6 +149,27 @@ def get_grads(parameters: TensorOrTensors, name: str = "parameters") -> list[Ten
             if p.grad is not None:
                 _check_floating(p.grad, f"{name}[{i}].grad")
     return grads
+
+
+def grad_groups(parameters: TensorOrTensors, name: str = "parameters") -> TensorGroups:
+    """The gradients of ``parameters`` (``None`` skipped), validated and prepared in one
+    pass: what every clipping function starts from.
+
+    Raises:
+        TypeError: for a non-tensor, or a sparse or non-floating gradient, naming it.
+    """
+    params = _as_list(parameters, name)
+    try:
+        grads = [g for p in params if (g := p.grad) is not None]
+    except AttributeError:
+        _raise_not_tensor(params, name)
+        raise
+    if len(grads) == len(params):
+        return TensorGroups(grads, what=name + "[{}].grad")
+    for i, p in enumerate(params):  # name the parameter by its own index
+        if p.grad is not None:
+            _check_floating(p.grad, f"{name}[{i}].grad")
+    return TensorGroups(grads, validate=False)
 
 
 def validate_norm_type(norm_type: object) -> float:
@@ -183,10 +218,17 @@ def _group_by_device_and_dtype(tensors: list[Tensor]) -> _Groups:
         return groups
 
 
-def _foreach_ok(tensors: list[Tensor], device: torch.device, foreach: bool | None) -> bool:
+def _foreach_ok(
+    tensors: list[Tensor], device: torch.device, foreach: bool | None,
+    types_ok: bool | None = None,
+) -> bool:
+    """Whether to use foreach kernels (torch's rule); ``types_ok``: the tensor types are
+    already known to be supported (saves a pass over the tensors)."""
     from torch.utils._foreach_utils import _device_has_foreach_support, _has_foreach_support
 
     if foreach is None:
+        if types_ok is not None:
+            return types_ok and _device_has_foreach_support(device)
         return _has_foreach_support(tensors, device)
     if foreach and not _device_has_foreach_support(device):
         raise RuntimeError(
@@ -206,17 +248,18 @@ def _norm_dtype(dtypes: Iterable[torch.dtype]) -> torch.dtype:
 
 
 def _group_norms(
-    group: list[Tensor], p: float, foreach: bool | None, device: torch.device, dtype: torch.dtype
+    group: list[Tensor], p: float, foreach: bool | None, device: torch.device, dtype: torch.dtype,
+    types_ok: bool | None = None,
 ) -> list[Tensor]:
     if math.isinf(p) and any(t.numel() == 0 for t in group):
         # max has no identity, so torch refuses the inf-norm of an empty tensor (an uneven
         # FSDP2 split leaves some ranks empty shards); their norm is 0.
         keep = [t for t in group if t.numel()]
-        it = iter(_group_norms(keep, p, foreach, device, dtype) if keep else [])
+        it = iter(_group_norms(keep, p, foreach, device, dtype, types_ok) if keep else [])
         zero = torch.zeros((), device=device, dtype=_accum_dtype(dtype) or dtype)
         return [next(it) if t.numel() else zero for t in group]
     acc = _accum_dtype(dtype)
-    if _foreach_ok(group, device, foreach):
+    if _foreach_ok(group, device, foreach, types_ok):
         if acc is None:
             return list(torch._foreach_norm(group, p))
         return list(torch._foreach_norm(group, p, dtype=acc))
@@ -254,7 +297,7 @@ class _ShardInfo:
 def _localize(tensors: list[Tensor]) -> tuple[list[Tensor], dict[int, _ShardInfo]]:
     """Replace DTensors by their local shards; say which need a cross-rank reduction."""
     dtensor = _dtensor_type()
-    if dtensor is None or not any(isinstance(t, dtensor) for t in tensors):
+    if dtensor is None or not any(issubclass(tp, dtensor) for tp in {type(t) for t in tensors}):
         return tensors, {}
     local: list[Tensor] = []
     shards: dict[int, _ShardInfo] = {}
@@ -334,14 +377,42 @@ class TensorGroups:
     DTensor), tensors are grouped by (device, dtype) once, and every operation is one
     foreach call per group. Build one per step (gradients may be new tensors each step).
 
+    One pass over the tensors collects their (type, layout, dtype, device); validation,
+    DTensor detection, foreach support and grouping are then decided per distinct key, so
+    thousands of tensors cost little more than the kernels.
+
     Args:
-        tensors: validated floating-point tensors (e.g. from :func:`get_grads`).
+        tensors: floating-point tensors (e.g. gradients).
+        what: the name template for error messages, formatted with the index.
+        validate: check layout and dtype (``False`` when the caller already did).
+
+    Raises:
+        TypeError: for a sparse or non-floating tensor, naming it.
     """
 
-    def __init__(self, tensors: Sequence[Tensor]) -> None:
+    def __init__(
+        self, tensors: Sequence[Tensor], what: str = "tensors[{}]", validate: bool = True
+    ) -> None:
         self.tensors = list(tensors)
-        self.local, self.shards = _localize(self.tensors)
-        self.groups = _group_by_device_and_dtype(self.local)
+        keys = {(type(t), t.layout, t.dtype, t.device) for t in self.tensors}
+        if validate:
+            _check_keys(self.tensors, keys, what)
+        types = {k[0] for k in keys}
+        dtensor = _dtensor_type()
+        if dtensor is not None and any(issubclass(tp, dtensor) for tp in types):
+            self.local, self.shards = _localize(self.tensors)
+            types = {type(t) for t in self.local}
+            self.groups = _group_by_device_and_dtype(self.local)
+        else:
+            self.local, self.shards = self.tensors, {}
+            pairs = {(dev, dt) for _, _, dt, dev in keys}
+            if len(pairs) == 1:  # the common case: no grouping pass needed
+                self.groups = {next(iter(pairs)): (self.local, list(range(len(self.local))))}
+            else:
+                self.groups = _group_by_device_and_dtype(self.local)
+        from torch.utils._foreach_utils import _foreach_supported_types
+
+        self._types_ok = all(tp in _foreach_supported_types for tp in types)
         self.device = self.local[0].device if self.local else torch.device("cpu")
         self.all_cpu = all(dev.type == "cpu" for dev, _ in self.groups)
         self.norm_dtype = _norm_dtype(dt for _, dt in self.groups)
@@ -365,13 +436,13 @@ class TensorGroups:
             return torch.zeros(0)
         if len(self.groups) == 1:
             ((dev, dtype), (group, _)) = next(iter(self.groups.items()))
-            norms = torch.stack(_group_norms(group, p, foreach, dev, dtype))
+            norms = torch.stack(_group_norms(group, p, foreach, dev, dtype, self._types_ok))
             norms = norms.to(device=self.device, dtype=self.norm_dtype)
         else:
             ordered: list[Tensor | None] = [None] * len(self.local)
             for (dev, dtype), (group, idx) in self.groups.items():
                 # One stack and one transfer per group, then views for reordering.
-                stacked = torch.stack(_group_norms(group, p, foreach, dev, dtype))
+                stacked = torch.stack(_group_norms(group, p, foreach, dev, dtype, self._types_ok))
                 stacked = stacked.to(device=self.device, dtype=self.norm_dtype)
                 for i, n in zip(idx, stacked.unbind(0), strict=True):
                     ordered[i] = n
@@ -394,7 +465,7 @@ class TensorGroups:
                 return
             for (device, _), (group, _) in self.groups.items():
                 c = coef.to(device)
-                if _foreach_ok(group, device, foreach):
+                if _foreach_ok(group, device, foreach, self._types_ok):
                     torch._foreach_mul_(group, c)
                 else:
                     for g in group:
@@ -414,7 +485,7 @@ class TensorGroups:
     def clamp_(self, value: float, foreach: bool | None = None) -> None:
         """Clamp every entry to ``[-value, value]`` in place."""
         for (device, _), (group, _) in self.groups.items():
-            if _foreach_ok(group, device, foreach):
+            if _foreach_ok(group, device, foreach, self._types_ok):
                 torch._foreach_clamp_min_(group, -value)
                 torch._foreach_clamp_max_(group, value)
             else:
@@ -466,9 +537,7 @@ def tensor_norms(
         tensor([2.0000, 4.2426])
     """
     p = validate_norm_type(norm_type)
-    tensors = as_tensor_list(tensors, "tensors")
-    _validate(tensors, "tensors[{}]")
-    return TensorGroups(tensors).norms(p, foreach)
+    return TensorGroups(as_tensor_list(tensors, "tensors")).norms(p, foreach)
 
 
 @torch.no_grad()
