@@ -449,6 +449,15 @@ def test_state_dict_before_setup_round_trips():
     assert_same_run(run(fresh, [total_step(1.0)] * 30), run(ZClip(), [total_step(1.0)] * 30))
 
 
+@pytest.mark.parametrize("name", ["zclip", "autoclip", "adagc", "auto"])
+def test_loading_a_never_set_up_state_dict_resets_a_used_policy(name):
+    used = make_policy(name)
+    run(used, [tensor_step([1.0, 2.0])] * 30, num_tensors=2)
+    used.load_state_dict(_save_load(make_policy(name).state_dict()))
+    steps = [tensor_step([float(i % 7 + 1), 50.0 if i == 25 else 2.0]) for i in range(40)]
+    assert_same_run(run(used, steps, num_tensors=2), run(make_policy(name), steps, num_tensors=2))
+
+
 def test_agc_round_trip_and_unit_coefficients():
     """AGC is stateless here: the state_dict carries its config; its unit rule is
     NFNets' ``where(g > c*max(w, eps), c*max(w, eps)/g, 1)``."""
@@ -647,6 +656,19 @@ def test_make_policy_bad_number(clip):
         make_policy(clip)
 
 
+def test_make_policy_fixed_names_the_real_problem():
+    with pytest.raises(ValueError, match=r"clip 'fixed:-1': max_norm must be >= 0"):
+        make_policy("fixed:-1")
+    with pytest.raises(ValueError, match=r"clip 'fixed:inf': max_norm must be finite"):
+        make_policy("fixed:inf")
+
+
+def test_numpy_scalars_are_accepted():
+    assert make_policy(np.float32(0.5)).max_norm == 0.5
+    assert AutoClip(window=np.int64(100)).window == 100
+    assert type(AutoClip(window=np.int64(100)).window) is int
+
+
 def test_make_policy_valid():
     assert make_policy(None) is None
     p = ZClip()
@@ -793,6 +815,44 @@ def test_auto_has_no_trust_cap_for_adaptive_optimizers_or_without_optimizer():
         policy.setup(1, "cpu")
         coef, threshold = policy.compute(_auto_step(1e6, [w], optimizers))
         assert coef.item() == 1.0 and math.isinf(threshold.item())
+
+
+def test_auto_trust_cap_is_off_for_zero_parameters_and_momentum_one():
+    zero = torch.nn.Parameter(torch.zeros(4))  # a zero-initialised model
+    for opt in (torch.optim.SGD([zero], lr=0.1, momentum=0.9),
+                torch.optim.SGD([torch.nn.Parameter(torch.ones(4))], lr=0.1, momentum=1.0)):
+        params = opt.param_groups[0]["params"]
+        policy = Auto(warmup_steps=1000)
+        policy.setup(1, "cpu")
+        coef, threshold = policy.compute(_auto_step(3.0, params, [opt]))
+        assert coef.item() == 1.0 and math.isinf(threshold.item())
+
+
+def test_auto_trains_a_zero_initialised_model():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    torch.nn.init.zeros_(model.weight)
+    torch.nn.init.zeros_(model.bias)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    from gradguard import Guard
+    Guard(model, clip="auto", sinks=[]).attach(opt)
+    x = torch.randn(64, 4)
+    y = x @ torch.tensor([[1.0], [2.0], [3.0], [4.0]])
+    for _ in range(200):
+        loss = ((model(x) - y) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 1e-3
+
+
+def test_adagc_zero_gradient_does_not_pin_the_threshold_at_zero():
+    # a tensor with a zero gradient in warm-up (a LoRA factor while its partner is zero)
+    policy = AdaGC(warmup_steps=3)
+    policy.setup(2, "cpu")
+    coefs = run(policy, [tensor_step([0.0, 0.5])] + [tensor_step([0.3, 0.5])] * 6, num_tensors=2)
+    assert floats(coefs[-1][0]) == [1.0, 1.0]
+    assert state_of(policy)["gamma"][0].item() == pytest.approx(0.3)
 
 
 def test_auto_spike_cap_follows_the_clipped_norm():

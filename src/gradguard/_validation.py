@@ -40,11 +40,11 @@ def check_int(value: object, name: str, minimum: int = 0) -> int:
         TypeError: if ``value`` is not an int.
         ValueError: if it is below ``minimum``.
     """
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return value
+    return int(value)
 
 
 def check_fraction(value: object, name: str) -> float:

@@ -79,6 +79,9 @@ def clip_grads_with_norm_(
         The clamped coefficient that was applied (a 0-d tensor on ``total_norm``'s device).
     """
     max_norm = check_threshold(max_norm, "max_norm")
+    if not isinstance(total_norm, torch.Tensor):
+        raise TypeError(f"total_norm must be a Tensor (e.g. from get_total_norm), got "
+                        f"{total_norm!r}")
     coef = torch.clamp(max_norm / (total_norm + _NORM_EPS), max=1.0)
     _norms.grad_groups(parameters).mul_(coef, foreach)
     return coef
@@ -101,8 +104,9 @@ def clip_grad_norm_(
     torch's. Differences, all fixes:
 
     * fp16/bf16 gradients are accumulated in fp32 and the norm is returned in fp32, so
-      finite gradients never give an ``inf`` norm (torch returns ``inf`` in fp16 once the
-      norm passes 65,504, and then zeroes every gradient).
+      finite fp16 gradients never give an ``inf`` norm (torch returns ``inf`` in fp16 once
+      the norm passes 65,504, and then zeroes every gradient); bf16 overflows only past
+      fp32's range.
     * On CPU nothing is multiplied when nothing is clipped.
     * DTensor (FSDP2) gradients give the norm of the full gradient as a plain tensor.
     * ``process_group`` reduces the norm over ranks holding disjoint parameters.

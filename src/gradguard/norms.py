@@ -1,8 +1,9 @@
 """The norm engine: every norm gradguard uses is computed here.
 
 Per-tensor norms are computed with one ``torch._foreach_norm`` call per (device, dtype)
-group, accumulated in fp32 for fp16/bf16 tensors so that finite gradients never give an
-infinite norm, and returned as one vector in the order of the input tensors. Total norms
+group, accumulated in fp32 for fp16/bf16 tensors so that finite fp16 gradients never
+give an infinite norm (bf16 shares fp32's range: only norms past 3.4e38 overflow), and
+returned as one vector in the order of the input tensors. Total norms
 are the norm of that vector, exactly as in :func:`torch.nn.utils.get_total_norm`.
 Unit-wise norms (for AGC) are computed per group of equal shapes, a few kernels in all.
 
@@ -601,8 +602,9 @@ def get_total_norm(
 ) -> Tensor:
     """The norm of ``tensors`` viewed as one vector (like ``torch.nn.utils.get_total_norm``).
 
-    Unlike torch, fp16/bf16 tensors are accumulated in fp32, so a finite input never gives
-    an infinite norm; DTensors give the norm of the full tensor as a plain tensor.
+    Unlike torch, fp16/bf16 tensors are accumulated in fp32, so a finite fp16 input never
+    gives an infinite norm (a bf16 one only past fp32's range, 3.4e38); DTensors give the
+    norm of the full tensor as a plain tensor.
 
     Args:
         tensors: a Tensor or an iterable of Tensors (e.g. ``[p.grad for p in ...]``).

@@ -22,6 +22,7 @@ Use :func:`make_policy` to build one from a name or a float.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -163,7 +164,9 @@ class ThresholdPolicy:
                 + ", ".join(f"{k}={self.config().get(k)!r}" for k in differ)
             )
         n = state_dict.get("num_tensors")
-        if n is None:
+        if n is None:  # saved by a policy never set up: fresh statistics
+            if self._num_tensors is not None:
+                self._init_state(self._num_tensors, self._device)
             return
         device = self._device or torch.device("cpu")
         if self._num_tensors is None:
@@ -235,8 +238,8 @@ class AutoClip(ThresholdPolicy):
 
     The rule of the reference implementation: append the current (pre-clip) total norm to
     the history, then clip at ``percentile(history, p)`` with numpy's linear
-    interpolation. On the first step the threshold is the norm itself, so nothing is
-    clipped.
+    interpolation. On the first step the threshold is the norm itself, so the gradient
+    is left as it is up to torch's ``1e-6`` (a norm of ``1e-6`` would be halved).
 
     Differences from the original, both deliberate:
 
@@ -405,7 +408,10 @@ class AdaGC(ThresholdPolicy):
 
     The threshold uses the previous EMA, and the EMA takes the *clipped* norm. A tensor
     first seen after warm-up starts from its own norm. This is the official Megatron
-    implementation's rule; non-finite steps update nothing.
+    implementation's rule; non-finite steps update nothing. One deviation: a tensor whose
+    gradient is exactly zero on a step is not observed on that step (the published rule
+    would fold the 0 into the running minimum or the EMA, and then clip every later
+    gradient of that tensor to zero, for good).
 
     Args:
         rel: the relative factor lambda_rel (default 1.05 as published; the released code
@@ -445,7 +451,10 @@ class AdaGC(ThresholdPolicy):
     def compute(self, step: StepNorms) -> tuple[Tensor, Tensor]:
         norms = step.norms.float()
         present = step.present if step.present is not None else torch.ones_like(self.seen)
-        observe = present & step.finite
+        # A zero gradient says nothing about a tensor's scale (a LoRA factor while its
+        # partner is zero, a layer behind a zero-initialised head): folded into the
+        # running minimum or the EMA it would pin the threshold at 0 for good.
+        observe = present & step.finite & (norms > 0)
         warm = self.count < self.warmup_steps
 
         # Warm-up: global clipping; gamma tracks the minimum post-clip norm.
@@ -540,6 +549,12 @@ def sgd_effective_lr(optimizers: Sequence[torch.optim.Optimizer]) -> float | Non
     return best
 
 
+def _trust_applies(lr_eff: float | None) -> bool:
+    """Whether :class:`Auto`'s trust cap has a step size to be relative to (an SGD
+    optimizer with a positive, finite effective learning rate; momentum 1 has none)."""
+    return lr_eff is not None and 0 < lr_eff < math.inf
+
+
 class Auto(ThresholdPolicy):
     """gradguard's default: no tuning, safe from step 0 and against rare spikes.
 
@@ -561,8 +576,9 @@ class Auto(ThresholdPolicy):
     threshold is too loose at high rates and too tight at low ones. ``||theta||`` is
     refreshed every ``param_norm_every`` steps (one extra read of the parameters,
     amortised). Adaptive optimizers (Adam, RMSprop, Adagrad, ...) normalise the gradient,
-    so their step does not grow with it: for them, and when the Guard has no attached
-    optimizer, the trust cap is off and the spike cap alone applies.
+    so their step does not grow with it: for them, when the Guard has no attached
+    optimizer, and when the last refresh found every parameter zero (nothing to be
+    relative to), the trust cap is off and the spike cap alone applies.
 
     **spike** (rare spikes in a healthy run). After ``warmup_steps`` finite steps::
 
@@ -653,7 +669,7 @@ class Auto(ThresholdPolicy):
         total = step.total
         inf = torch.full_like(total, math.inf)
         lr_eff = sgd_effective_lr(step.optimizers)
-        if lr_eff is not None and lr_eff > 0 and (step.params or step.param_norm is not None):
+        if _trust_applies(lr_eff) and (step.params or step.param_norm is not None):
             if self._refresh_due():
                 if step.param_norm is not None:  # computed by the Guard (one collective)
                     fresh = step.param_norm
@@ -663,7 +679,11 @@ class Auto(ThresholdPolicy):
                             TensorGroups(list(step.params)).norms(2.0))
                 self.param_norm = fresh.to(total.device, total.dtype)
                 self._have_param_norm = True
-            trust = (self.rho / lr_eff) * self.param_norm.to(total.dtype)
+            param_norm = self.param_norm.to(total.dtype)
+            # All-zero parameters (a zero-initialised model) give no scale to be relative
+            # to: a cap of 0 would freeze them for good, so the trust cap is off until
+            # the parameters have a norm.
+            trust = torch.where(param_norm > 0, (self.rho / lr_eff) * param_norm, inf)
         else:
             trust = inf
         self._calls += 1
@@ -687,8 +707,7 @@ class Auto(ThresholdPolicy):
     def wants_param_norm(self, optimizers: Sequence[torch.optim.Optimizer]) -> bool:
         """Whether this step's :meth:`compute` needs ``||theta||`` (the Guard then supplies
         it in ``StepNorms.param_norm``, within its one collective when distributed)."""
-        lr_eff = sgd_effective_lr(optimizers)
-        return lr_eff is not None and lr_eff > 0 and self._refresh_due()
+        return _trust_applies(sgd_effective_lr(optimizers)) and self._refresh_due()
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
@@ -733,15 +752,19 @@ def make_policy(clip: float | str | ThresholdPolicy | None) -> ThresholdPolicy |
         return clip
     if isinstance(clip, bool):
         raise TypeError(f"clip must be a float, a policy name or a policy, got {clip!r}")
-    if isinstance(clip, (int, float)):
+    if isinstance(clip, numbers.Real):
         return Fixed(clip)
     if isinstance(clip, str):
         name = clip.strip().lower()
         if name.startswith("fixed:"):
             try:
-                return Fixed(float(name.split(":", 1)[1]))
+                value = float(name.split(":", 1)[1])
             except ValueError:
                 raise ValueError(f"clip {clip!r}: expected 'fixed:<number>'") from None
+            try:
+                return Fixed(value)
+            except ValueError as err:
+                raise ValueError(f"clip {clip!r}: {err}") from None
         if name in POLICIES:
             return POLICIES[name]()
         raise ValueError(
