@@ -552,6 +552,173 @@ def test_abort_when_the_ladder_is_exhausted():
     assert kinds.count("lr_backoff") == 1 and kinds[-1] == "abort"
 
 
+def _train(model, opt, guard, steps, start=0, loss_scale=None):
+    for i in range(start, start + steps):
+        opt.zero_grad()
+        loss = _loss(model, i)
+        loss.backward()
+        guard.observe_loss(loss if loss_scale is None else loss * loss_scale(i))
+        opt.step()
+
+
+def test_rollback_keeps_the_schedulers_learning_rate():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, 0.9)
+    remedies = Remedies(lr_backoff=None, rollback=Rollback(loss_factor=3.0))
+    guard = gg.Guard(model, clip=1.0, sinks=[], log_every=5, remedies=remedies).attach(opt)
+    for i in range(15):
+        _train(model, opt, guard, 1, start=i, loss_scale=lambda i: 100.0 if i >= 10 else 1.0)
+        sched.step()
+    assert [e.kind for e in guard.events].count("rollback") == 1
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * 0.9**15)
+
+
+def test_rollback_after_skips_does_not_drop_the_next_clean_step():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    policy = gg.ZClip(warmup_steps=2)
+    remedies = Remedies(skip_budget=1, lr_backoff=None,
+                        rollback=Rollback(skip_batches=0, loss_factor=None))
+    guard = gg.Guard(model, clip=policy, sinks=[], log_every=2, remedies=remedies).attach(opt)
+    _train(model, opt, guard, 4)  # two clean intervals: a snapshot
+    opt.zero_grad()
+    _loss(model, 4).backward()
+    model[0].bias.grad[0] = float("nan")
+    opt.step()  # skipped, escalates to a rollback
+    assert [e.kind for e in guard.events][-1] == "rollback"
+    before = [p.detach().clone() for p in model.parameters()]
+    count = int(policy.count)
+    _train(model, opt, guard, 1, start=5)
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert int(policy.count) == count + 1
+    assert guard.stats()["skipped"] == 1
+
+
+def test_batches_skipped_after_a_rollback_are_not_counted_non_finite():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    remedies = Remedies(lr_backoff=None, rollback=Rollback(skip_batches=3, loss_factor=3.0))
+    guard = gg.Guard(model, clip=1.0, sinks=[], log_every=5, nonfinite="zero",
+                     remedies=remedies).attach(opt)
+    _train(model, opt, guard, 25, loss_scale=lambda i: 100.0 if 10 <= i < 15 else 1.0)
+    guard.flush()
+    assert sum(r["nonfinite"] for r in guard.monitor.records) == 0
+    assert "nonfinite" not in [e.kind for e in guard.events]
+    assert guard.stats()["nonfinite"] == 0
+
+
+def test_a_non_finite_loss_rolls_back():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    remedies = Remedies(lr_backoff=None, rollback=Rollback(loss_factor=3.0))
+    guard = gg.Guard(model, clip=1.0, sinks=[], log_every=5, remedies=remedies).attach(opt)
+    _train(model, opt, guard, 10)
+    snapshot_step = remedies._snapshot_step
+    _train(model, opt, guard, 5, start=10, loss_scale=lambda i: math.inf)
+    rollbacks = [e for e in guard.events if e.kind == "rollback"]
+    assert len(rollbacks) == 1 and "non-finite loss" in rollbacks[0].message
+    assert remedies._snapshot_step == snapshot_step
+    assert guard.monitor.records[-1]["loss_nonfinite"] == 5
+    guard.observe_loss(torch.tensor(math.nan))  # an observed NaN is not "no loss"
+    assert math.isinf(guard._pending_loss.item())
+
+
+def test_close_neither_rolls_back_nor_raises_and_closes_the_sinks(tmp_path):
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    remedies = Remedies(lr_backoff=None, rollback=Rollback(loss_factor=3.0, max_times=0))
+    log = tmp_path / "run.jsonl"
+    guard = gg.Guard(model, clip=1.0, sinks=[str(log)], log_every=5,
+                     remedies=remedies).attach(opt)
+    _train(model, opt, guard, 12, loss_scale=lambda i: 100.0 if i >= 10 else 1.0)
+    trained = [p.detach().clone() for p in model.parameters()]
+    guard.close()  # the last partial interval has the loss jump
+    assert all(torch.equal(a, b) for a, b in zip(trained, model.parameters(), strict=True))
+    assert guard.monitor._closed and guard.optimizers == []
+    run = read_jsonl(log)
+    assert run.records[-1]["step_last"] == 12 and "rollback" not in [e.kind for e in run.events]
+
+
+def test_an_abort_from_a_flush_still_logs_the_interval(tmp_path):
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    remedies = Remedies(lr_backoff=LRBackoff(spikes=1, max_times=0))
+    log = tmp_path / "run.jsonl"
+    guard = gg.Guard(model, clip=None, sinks=[str(log)], log_every=25,
+                     remedies=remedies).attach(opt)
+    with pytest.raises(TrainingDiverged):
+        for i in range(25):
+            opt.zero_grad()
+            _loss(model, i).backward()
+            if i == 24:
+                for p in model.parameters():
+                    p.grad.mul_(1e4)
+            opt.step()
+    run = read_jsonl(log)
+    assert len(run.records) == 1 and len(guard.monitor.records) == 1
+    assert "abort" in [e.kind for e in run.events]
+
+
+def test_agc_with_zero_mode_clips_the_repaired_units():
+    w = nn.Parameter(torch.ones(2, 3))
+    opt = torch.optim.SGD([w], lr=1.0)
+    gg.Guard([w], clip="agc", nonfinite="zero", sinks=[]).attach(opt)
+    w.grad = torch.tensor([[math.nan, 1e6, 1e6], [0.0, 1e6, 1e6]])
+    opt.step()
+    change = (torch.ones(2, 3) - w.detach()).norm(dim=1)
+    limit = 0.01 * math.sqrt(3)  # clipping * ||W_i||
+    assert (change <= limit * (1 + 1e-4)).all(), change
+
+
+def test_several_optimizers_share_one_guard_step_per_backward():
+    model = _mlp()
+    first = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    rest = torch.optim.Adam([p for m in list(model)[1:] for p in m.parameters()], lr=1e-3)
+    guard = gg.Guard(model, clip=0.01, sinks=[]).attach(first).attach(rest)
+    for i in range(3):
+        first.zero_grad()
+        rest.zero_grad()
+        _loss(model, i).backward()
+        first.step()
+        rest.step()
+    assert guard.stats() == {"steps": 3, "clipped": 3, "nonfinite": 0, "skipped": 0}
+
+
+def test_lr_scheduler_created_after_attach():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gg.Guard(model, clip=1.0, sinks=[]).attach(opt)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    _train(model, opt, guard, 1)
+    sched.step()
+    assert opt.param_groups[0]["lr"] == 0.05 and guard.stats()["steps"] == 1
+
+
+def test_a_failed_attach_changes_nothing():
+    model, other = _mlp(), _mlp(1)
+    opt = torch.optim.SGD(other.parameters(), lr=0.1)
+    remedies = Remedies()
+    guard = gg.Guard(model, sinks=[], remedies=remedies)
+    original = opt.step
+    with pytest.raises(ValueError, match="none of the Guard's parameters"):
+        guard.attach(opt)
+    assert opt.step == original and guard.optimizers == [] and remedies._optimizers == []
+
+
+def test_rollback_without_a_known_optimizer_warns():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gg.Guard(model, clip=1.0, sinks=[], log_every=5,
+                     remedies=Remedies(rollback=Rollback()))
+    with pytest.warns(UserWarning, match="no optimizer state"):
+        for i in range(5):
+            opt.zero_grad()
+            _loss(model, i).backward()
+            guard.step()
+            opt.step()
+
+
 # ----- validation ----------------------------------------------------------------------------
 
 def test_bad_arguments():
@@ -572,6 +739,14 @@ def test_bad_arguments():
         gg.Guard(model).attach("sgd")
     with pytest.raises(ValueError, match="factor"):
         LRBackoff(factor=2.0)
+    with pytest.raises(TypeError, match="remedies"):
+        gg.Guard(model, remedies="yes")
+    with pytest.raises(TypeError, match="lr_backoff"):
+        Remedies(lr_backoff="yes")
+    with pytest.raises(TypeError, match="rollback"):
+        Remedies(rollback=5)
+    with pytest.raises(ValueError, match="loss"):
+        gg.Guard(model, sinks=[]).observe_loss(torch.ones(2))
 
 
 def test_detach_restores_the_optimizer():

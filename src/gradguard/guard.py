@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+import types
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -34,6 +35,7 @@ from gradguard import norms as _norms
 from gradguard.clip import AgcUnits
 from gradguard.events import Event
 from gradguard.monitor import FIELDS, Monitor
+from gradguard.remedies import Remedies
 from gradguard.thresholds import StepNorms, ThresholdPolicy, make_policy
 
 __all__ = ["NONFINITE_POLICIES", "Guard", "NonFiniteGradientError"]
@@ -185,6 +187,8 @@ class Guard:
         self._last: dict[str, Tensor] = {}
         self._pending_loss: Tensor | None = None
         self._attached: list[tuple[weakref.ref, Callable]] = []
+        # (weakrefs to the gradients, their versions, decision) of the last Guard step
+        self._last_gradients: tuple[list, list[int], bool] | None = None
         self._skip_next = 0  # steps to skip after a rollback (set by remedies)
         # Distributed: the step's one collective, identical decisions on every rank.
         self._sync = _dist.GuardSync.create(sync_group, norm_type=self.norm_type,
@@ -205,9 +209,13 @@ class Guard:
             )
         else:
             self.monitor = None
+        if remedies is not None and not isinstance(remedies, Remedies):
+            raise TypeError(f"remedies must be a gradguard.Remedies or None, got {remedies!r}")
         self.remedies = remedies
         if remedies is not None:
             remedies.bind(self)
+            if isinstance(model_or_params, torch.optim.Optimizer):  # its state rolls back too
+                remedies.attach_optimizer(model_or_params)
 
     # ----------------------------------------------------------------------------------
     # Wiring
@@ -220,8 +228,10 @@ class Guard:
         step, and ``nonfinite="skip"`` must). It works with ``GradScaler.step`` (which
         calls ``optimizer.step`` only for steps it does not skip, after unscaling; for
         fused optimizers the Guard receives the scale and unscales its norms itself),
-        LR schedulers, gradient accumulation (one Guard step per optimizer step) and
-        closures.
+        LR schedulers (created before or after ``attach``), gradient accumulation (one
+        Guard step per optimizer step) and closures. Attached to several optimizers
+        that share one backward pass, it runs once per backward pass (in the first
+        ``step()``), and the other optimizers follow its decision.
 
         Args:
             optimizer: any ``torch.optim.Optimizer`` (SGD, Adam, AdamW, ... foreach or
@@ -234,32 +244,58 @@ class Guard:
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {optimizer!r}")
         if any(ref() is optimizer for ref, _ in self._attached):
             return self
+        covered = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        if not covered & {id(p) for p in self.params}:  # checked before anything changes
+            raise ValueError("optimizer updates none of the Guard's parameters")
         original = optimizer.step
         guard = self
 
         @functools.wraps(original)
-        def step(*args: Any, **kwargs: Any) -> Any:
-            # GradScaler hands fused optimizers the scale and the overflow flag as
-            # attributes (their gradients are still scaled); None otherwise.
-            grad_scale = getattr(optimizer, "grad_scale", None)
-            found_inf = getattr(optimizer, "found_inf", None)
-            if not guard._run(grad_scale=grad_scale, found_inf=found_inf):
+        def step(opt: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+            if not guard._run_once_per_gradient(opt):
                 return None
             if guard.remedies is None:
                 return original(*args, **kwargs)
-            with guard.remedies.scaled_lr(optimizer):  # LR backoff for this step only
+            with guard.remedies.scaled_lr(opt):  # LR backoff for this step only
                 return original(*args, **kwargs)
 
         step.__gradguard_original__ = original  # type: ignore[attr-defined]
-        optimizer.step = step  # type: ignore[method-assign]
+        # A bound method, as torch's LR schedulers expect (they wrap ``step.__func__``).
+        optimizer.step = types.MethodType(step, optimizer)  # type: ignore[method-assign]
         self._attached.append((weakref.ref(optimizer), original))
         if self.remedies is not None:
             self.remedies.attach_optimizer(optimizer)
-        covered = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        guarded = {id(p) for p in self.params}
-        if not covered & guarded:
-            raise ValueError("optimizer updates none of the Guard's parameters")
         return self
+
+    def _run_once_per_gradient(self, optimizer: torch.optim.Optimizer) -> bool:
+        """The Guard's step for an attached ``optimizer.step()``.
+
+        With several attached optimizers (e.g. one for the encoder, one for the decoder),
+        the first to step after a backward pass runs the Guard over all its parameters;
+        the others reuse that decision, so gradients are clipped once and the statistics
+        see one step. "The same gradients" means the same tensors at the same version.
+        """
+        # GradScaler hands fused optimizers the scale and the overflow flag as
+        # attributes (their gradients are still scaled); None otherwise.
+        grad_scale = getattr(optimizer, "grad_scale", None)
+        found_inf = getattr(optimizer, "found_inf", None)
+        if len(self._attached) < 2:
+            return self._run(grad_scale=grad_scale, found_inf=found_inf)
+        seen = self._last_gradients
+        grads = [p.grad for p in self.params]
+        if seen is not None and len(seen[0]) == len(grads) and all(
+            (g is None and r is None) or (r is not None and r() is g and g._version == v)
+            for g, r, v in zip(grads, seen[0], seen[1], strict=True)
+        ):
+            return seen[2]
+        proceed = self._run(grad_scale=grad_scale, found_inf=found_inf)
+        grads = [p.grad for p in self.params]
+        self._last_gradients = (
+            [None if g is None else weakref.ref(g) for g in grads],
+            [0 if g is None else g._version for g in grads],
+            proceed,
+        )
+        return proceed
 
     def detach(self) -> None:
         """Undo :meth:`attach` on every optimizer."""
@@ -284,9 +320,14 @@ class Guard:
         Call it any time before the optimizer step; the value stays on the device.
         """
         if isinstance(loss, Tensor):
-            self._pending_loss = loss.detach().reshape(()).float()
+            if loss.numel() != 1:
+                raise ValueError(f"loss must be a scalar, got a tensor of shape "
+                                 f"{tuple(loss.shape)}")
+            value = loss.detach().reshape(()).float()
         else:
-            self._pending_loss = torch.tensor(float(loss), device=self._device)
+            value = torch.tensor(float(loss), device=self._device)
+        # NaN in the monitor means "no loss given": an observed NaN is recorded as inf.
+        self._pending_loss = torch.where(torch.isnan(value), math.inf, value)
         if self._sync is not None:  # a non-finite loss names this rank in events
             self._sync.observe_loss(self._pending_loss)
 
@@ -414,6 +455,8 @@ class Guard:
                 else:
                     norms = norms.index_copy(0, index, present_norms)
                 total = _norms.total_norm(present_norms, p, process_group=self.process_group)
+                if unit is not None:  # AGC clips the repaired units, not the NaN ones
+                    g_units = _norms.grouped_unit_norms(groups.local, unit.groups)
 
         # ---- threshold and scaling ---------------------------------------------------
         info = StepNorms(norms=norms, total=total, finite=observed, present=present,
@@ -464,6 +507,8 @@ class Guard:
 
         self._finish(step_no, total, post, threshold, coef, clipped, nonfinite_flag,
                      torch.zeros((), dtype=torch.bool, device=self._device), norms)
+        if self.remedies is not None:
+            self.remedies.raise_pending_abort()  # decided in this step's monitor flush
         if self.remedies is not None and not self.remedies.after_step(step_no):
             self._counters[3] += 1  # a rollback at this step: its update is dropped too
             return False
@@ -524,6 +569,7 @@ class Guard:
             self.monitor.emit(event, keep_rank=True)  # the rank that saw it, even rank 0
         if self.remedies is not None:
             self.remedies.on_skip(step_no, reason="nonfinite")
+            self.remedies.raise_pending_abort()
 
     def _record_skip(self, step_no: int, reason: str) -> None:
         nan = torch.full((), math.nan, device=self._device)
@@ -535,6 +581,9 @@ class Guard:
             self.monitor.emit(Event(step=step_no, kind="skip",
                                     message=f"step skipped ({reason})", data={"reason": reason},
                                     rank=_rank(self.process_group)))
+        if self.remedies is not None:
+            self.remedies.step_dropped()
+            self.remedies.raise_pending_abort()
 
     def _device_index(self, indices: list[int], like: Tensor) -> Tensor:
         """A cached int64 index tensor on ``like``'s device (one host->device copy ever)."""
@@ -572,7 +621,10 @@ class Guard:
 
     def flush(self) -> list[Event]:
         """Flush the monitor now (e.g. at the end of training); returns the new events."""
-        return [] if self.monitor is None else self.monitor.flush()
+        events = [] if self.monitor is None else self.monitor.flush()
+        if self.remedies is not None:
+            self.remedies.raise_pending_abort()
+        return events
 
     @property
     def events(self) -> list[Event]:
@@ -580,11 +632,18 @@ class Guard:
         return [] if self.monitor is None else list(self.monitor.events)
 
     def close(self) -> None:
-        """Flush and close the sinks, and detach from optimizers."""
-        if self.monitor is not None:
-            self.monitor.flush()
-            self.monitor.close()
-        self.detach()
+        """Flush and close the sinks, and detach from optimizers.
+
+        The last partial interval is logged, but the remedies no longer act on it: closing
+        never rolls the model back or raises :class:`TrainingDiverged`.
+        """
+        if self.remedies is not None:
+            self.remedies.deactivate()
+        try:
+            if self.monitor is not None:
+                self.monitor.close()
+        finally:
+            self.detach()
 
     # ----------------------------------------------------------------------------------
     # Checkpointing

@@ -128,6 +128,7 @@ RECORD_KEYS: tuple[str, ...] = (
     "clip_rate",  # clipped / finite steps (NaN when there are none)
     "loss_mean",  # over finite losses; NaN when unknown
     "loss_last",
+    "loss_nonfinite",
     "layer_norm_mean",  # list, one per tensor
     "layer_norm_max",  # list, one per tensor
     "layer_nonfinite",  # list of counts of NaN/inf norms, one per tensor
@@ -452,12 +453,15 @@ class Monitor:
 
         lay_finite = torch.isfinite(lay)
         row_layer_nonfinite = (~lay_finite).any(dim=1).tolist() if lay.shape[1] else [False] * n
-        # A step is non-finite if flagged, or if any of its norms is NaN/inf.
-        bad = [
-            nonf[i] > 0.5 or not math.isfinite(pre[i]) or row_layer_nonfinite[i] for i in range(n)
-        ]
         clipped = [c > 0.5 for c in clip]
         skipped = [s > 0.5 for s in skip]
+        # A step is non-finite if flagged, or if any of its norms is NaN/inf; a step skipped
+        # for another reason (the batches after a rollback) has no norms and is not.
+        bad = [
+            nonf[i] > 0.5
+            or (not skipped[i] and (not math.isfinite(pre[i]) or row_layer_nonfinite[i]))
+            for i in range(n)
+        ]
         n_bad, n_clip, n_skip = sum(bad), sum(clipped), sum(skipped)
         n_good = n - n_bad
 
@@ -563,6 +567,9 @@ class Monitor:
             "clip_rate": clip_rate,
             "loss_mean": math.fsum(floss) / len(floss) if floss else math.nan,
             "loss_last": floss[-1] if floss else math.nan,
+            # losses observed non-finite (the Guard records a NaN loss as inf: NaN in the
+            # buffer means "no loss given")
+            "loss_nonfinite": sum(1 for x in loss if math.isinf(x)),
             "layer_norm_mean": l_mean.tolist(),
             "layer_norm_max": l_max.tolist(),
             "layer_nonfinite": l_nonfinite.tolist(),
@@ -885,10 +892,18 @@ class Monitor:
         """Flush pending rows and close every sink. Idempotent; ``observe`` then raises."""
         if self._closed:
             return
-        self.flush()
-        for sink in self.sinks:
-            sink.close()
-        self._closed = True
+        try:
+            self.flush()
+        finally:
+            self._closed = True
+            errors = []
+            for sink in self.sinks:  # every sink gets closed, whatever fails
+                try:
+                    sink.close()
+                except Exception as err:
+                    errors.append(err)
+            if errors:
+                raise errors[0]
 
     def state_dict(self) -> dict[str, Any]:
         """Counters, detector state and the rows not yet flushed.

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import warnings
 from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
@@ -136,9 +137,19 @@ class Remedies:
         abort: bool = True,
     ) -> None:
         self.skip_budget = check_int(skip_budget, "skip_budget", 1)
+        if not (lr_backoff is None or isinstance(lr_backoff, (bool, LRBackoff))):
+            raise TypeError(f"lr_backoff must be an LRBackoff, True, False or None, got "
+                            f"{lr_backoff!r}")
+        if not (rollback is None or isinstance(rollback, (bool, Rollback))):
+            raise TypeError(f"rollback must be a Rollback, True, False or None, got "
+                            f"{rollback!r}")
         self.lr_backoff = LRBackoff() if lr_backoff is True else (lr_backoff or None)
         self.rollback = Rollback() if rollback is True else (rollback or None)
         self.abort = bool(abort)
+        self._active = True  # False once the Guard closes: log, but act no more
+        self._in_callback = False
+        self._pending_abort: str | None = None
+        self._warned_no_optimizer = False
         self.guard: Guard | None = None
         self._optimizers: list[torch.optim.Optimizer] = []
         # host-side state, all in state_dict
@@ -167,6 +178,22 @@ class Remedies:
         elif self.rollback is not None or self.lr_backoff is not None:
             raise ValueError("LR backoff and rollback need the Guard's monitor (monitor=True)")
 
+    def deactivate(self) -> None:
+        """Stop acting (the Guard is closing): no more backoff, rollback or abort."""
+        self._active = False
+
+    def raise_pending_abort(self) -> None:
+        """Raise the :class:`TrainingDiverged` decided during a monitor flush, once the
+        flush has logged the interval's record and events."""
+        message, self._pending_abort = self._pending_abort, None
+        if message is not None:
+            raise TrainingDiverged(message)
+
+    def step_dropped(self) -> None:
+        """This step does not reach the optimizer anyway: a rollback decided during it
+        needs no further step dropped."""
+        self._rolled_back = False
+
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Remember an optimizer whose learning rate and state the ladder may act on."""
         if optimizer not in self._optimizers:
@@ -194,10 +221,11 @@ class Remedies:
         """A step was skipped (non-finite gradients). Escalate after ``skip_budget``."""
         self._consecutive_skips += 1
         self._interval_dirty = True
-        if self._consecutive_skips >= self.skip_budget:
+        if self._consecutive_skips >= self.skip_budget and self._active:
             self._consecutive_skips = 0
             self._escalate(step, f"{self.skip_budget} consecutive steps with non-finite "
                                  "gradients were skipped")
+        self.step_dropped()
 
     def after_step(self, step: int) -> bool:
         """A step is about to go through: count it towards recovery.
@@ -223,13 +251,20 @@ class Remedies:
     # -- monitor callbacks -------------------------------------------------------------
 
     def _on_monitor(self, kind: str, payload: Any) -> None:
-        if kind == "event" and payload.kind == "spike":
-            self._interval_dirty = True
-            self._on_spike(payload.step)
-        elif kind == "event" and payload.kind == "nonfinite":
-            self._interval_dirty = True
-        elif kind == "record":
-            self._on_record(payload)
+        if not self._active:
+            return
+        outer = self._in_callback  # (events this callback emits come back here)
+        self._in_callback = True  # an abort waits until the flush has logged everything
+        try:
+            if kind == "event" and payload.kind == "spike":
+                self._interval_dirty = True
+                self._on_spike(payload.step)
+            elif kind == "event" and payload.kind == "nonfinite":
+                self._interval_dirty = True
+            elif kind == "record":
+                self._on_record(payload)
+        finally:
+            self._in_callback = outer
 
     def _on_spike(self, step: int) -> None:
         cfg = self.lr_backoff
@@ -246,10 +281,16 @@ class Remedies:
         step = int(record["step_last"])
         loss = record.get("loss_mean")
         loss_known = isinstance(loss, float) and not math.isnan(loss)
-        dirty = self._interval_dirty or record.get("nonfinite", 0) or record.get("spikes", 0)
+        bad_losses = record.get("loss_nonfinite", 0)
+        dirty = (self._interval_dirty or record.get("nonfinite", 0) or record.get("spikes", 0)
+                 or bad_losses)
         self._interval_dirty = False
         rb = self.rollback
         clean = self._clean_loss
+        if rb is not None and rb.loss_factor is not None and bad_losses:
+            self._do_rollback(step, f"{bad_losses} non-finite loss(es) in steps "
+                                    f"{record['step_first']}-{step}")
+            return
         if (rb is not None and rb.loss_factor is not None and clean is not None
                 and loss_known and loss > rb.loss_factor * clean):
             self._do_rollback(step, f"mean loss {loss:.4g} over steps "
@@ -319,7 +360,9 @@ class Remedies:
         self._emit(step, "abort", message, {"backoffs": self.backoffs,
                                              "rollbacks": self.rollbacks})
         if self.abort:
-            raise TrainingDiverged(message)
+            self._pending_abort = message
+            if not self._in_callback:
+                self.raise_pending_abort()
 
     def _emit(self, step: int, kind: str, message: str, data: dict[str, Any]) -> None:
         guard = self.guard
@@ -331,6 +374,14 @@ class Remedies:
     def _take_snapshot(self, step: int) -> None:
         guard = self.guard
         assert guard is not None
+        if not self._optimizers and not self._warned_no_optimizer:
+            self._warned_no_optimizer = True
+            warnings.warn(
+                "gradguard: rollback snapshots hold the parameters but no optimizer state, "
+                "because the Guard knows no optimizer: use guard.attach(optimizer), or "
+                "Guard(optimizer, ...), so that a rollback restores its state too",
+                stacklevel=2,
+            )
         with torch.no_grad():
             params = [p.detach().to("cpu", copy=True) for p in guard.params]
         self._snapshot = {
@@ -348,7 +399,11 @@ class Remedies:
             for p, saved in zip(guard.params, snap["params"], strict=True):
                 p.copy_(saved)
         for opt, state in zip(self._optimizers, snap["optimizers"], strict=True):
+            # The moments go back; the hyperparameters (the LR a scheduler set) stay.
+            current = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
             opt.load_state_dict(copy.deepcopy(state))
+            for group, hyper in zip(opt.param_groups, current, strict=True):
+                group.update(hyper)
         if guard.policy is not None and snap["policy"] is not None:
             guard.policy.load_state_dict(snap["policy"])
 
