@@ -231,7 +231,9 @@ class Guard:
         LR schedulers (created before or after ``attach``), gradient accumulation (one
         Guard step per optimizer step) and closures. Attached to several optimizers
         that share one backward pass, it runs once per backward pass (in the first
-        ``step()``), and the other optimizers follow its decision.
+        ``step()``), and the other optimizers follow its decision; under a GradScaler,
+        call ``scaler.unscale_`` on each of them before the first ``scaler.step``, so
+        that the Guard sees every gradient unscaled.
 
         Args:
             optimizer: any ``torch.optim.Optimizer`` (SGD, Adam, AdamW, ... foreach or
