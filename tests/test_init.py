@@ -348,3 +348,62 @@ def test_bn_resnet_fixup_zeroes_the_last_norm() -> None:
         assert torch.count_nonzero(block.bn2.weight) == 0  # torchvision's zero_init_residual
         assert torch.all(block.bn1.weight == 1)
     assert float(net[4].down[0].weight.detach().pow(2).mean() * 8) == pytest.approx(2, rel=0.3)
+
+
+def test_frozen_parameters_are_kept():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                        nn.Linear(16, 1))
+    for p in net[0].parameters():  # a pretrained, frozen first layer
+        p.requires_grad_(False)
+    net[2].bias.requires_grad_(False)  # and one frozen tensor of a trainable layer
+    frozen = [net[0].weight.clone(), net[0].bias.clone(), net[2].bias.clone()]
+    trainable = net[2].weight.clone()
+    for data in (None, torch.randn(64, 16)):
+        report = init_model(net, "auto", data=data)
+        assert torch.equal(net[0].weight, frozen[0]) and torch.equal(net[0].bias, frozen[1])
+        assert torch.equal(net[2].bias, frozen[2])
+        assert not torch.equal(net[2].weight, trainable)
+        actions = {e.name: e.action for e in report.entries}
+        assert actions["0"] == "kept: frozen (requires_grad=False)"
+        assert "1 frozen or tied parameter(s) kept" in actions["2"]
+
+
+def test_tied_weights_keep_the_first_modules_init():
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(50, 32)
+            self.head = nn.Linear(32, 50, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, x):
+            return self.head(self.emb(x))
+
+    torch.manual_seed(0)
+    model = Tied()
+    before = model.emb.weight.clone()
+    report = init_model(model, "auto", data=torch.randint(0, 50, (8, 5)))
+    assert torch.equal(model.emb.weight, before)
+    actions = {e.name: e.action for e in report.entries}
+    assert actions["head"] == "kept: tied to a module initialised before"
+
+
+@pytest.mark.parametrize("with_data", [False, True])
+def test_transposed_convolution_after_sigmoid(with_data):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.Sigmoid(),
+                          nn.ConvTranspose2d(16, 8, 4, 2, 1))
+    x = torch.randn(32, 3, 8, 8)
+    init_model(model, "auto", data=x if with_data else None)
+    with torch.no_grad():
+        y = model(x)  # the bias removes the sigmoid's mean: outputs centred
+    assert abs(float(y.mean())) < 0.25 * float(y.std())
+
+
+def test_data_errors_name_data():
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="data is an empty iterable"):
+        init_model(model, data=[])
+    with pytest.raises(TypeError, match="data must be"):
+        init_model(model, data=5)

@@ -490,3 +490,47 @@ def test_cli_probe_and_fix(tmp_path, capsys) -> None:
     code = main(["probe", f"{src}:deep", "--input-shape", "128", "32"])
     assert code == 1
     assert main(["probe", f"{src}:missing", "--input-shape", "4", "32"]) == 2
+
+
+def test_probe_handles_packed_sequences():
+    class Packed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.LSTM(8, 16, batch_first=True)
+            self.fc = nn.Linear(16, 1)
+
+        def forward(self, x, lengths):
+            packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True,
+                                                       enforce_sorted=False)
+            _, (h, _) = self.rnn(packed)
+            return self.fc(h[-1])
+
+    torch.manual_seed(0)
+    report = probe(Packed(), (torch.randn(4, 6, 8), torch.tensor([6, 3, 5, 2])))
+    assert report.verdict in VERDICTS
+
+
+def test_rnn_time_gain_uses_the_input_sequence_not_the_initial_state():
+    class Seq2Seq(nn.Module):
+        def __init__(self, detach: bool) -> None:
+            super().__init__()
+            self.detach = detach
+            self.enc = nn.GRU(8, 32, batch_first=True)
+            self.dec = nn.GRU(8, 32, batch_first=True)
+            self.fc = nn.Linear(32, 1)
+
+        def forward(self, src, tgt):
+            _, h = self.enc(src)
+            out, _ = self.dec(tgt, h.detach() if self.detach else h)
+            return self.fc(out)
+
+    src, tgt = torch.randn(4, 12, 8), torch.randn(4, 12, 8)
+    gains = []
+    for detach in (True, False):
+        torch.manual_seed(0)
+        report = probe(Seq2Seq(detach), (src, tgt), seed=0)
+        gains.append(next(lay.time_gain for lay in report.layers if lay.name == "dec"))
+    # the decoder's input gradient does not depend on whether h0 requires grad; with it,
+    # h0's gradient reaches backward first and must not be taken for the sequence's
+    assert gains[0] is not None
+    assert gains[1] == pytest.approx(gains[0], rel=1e-5)

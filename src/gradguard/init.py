@@ -409,13 +409,14 @@ def select_modules(
 # --------------------------------------------------------------------------------------
 
 
-def as_batches(example_inputs: Any, n_batches: int) -> list[tuple[tuple, dict]]:
+def as_batches(example_inputs: Any, n_batches: int,
+               name: str = "example_inputs") -> list[tuple[tuple, dict]]:
     """Turn ``example_inputs`` into up to ``n_batches`` ``(args, kwargs)`` calls.
 
     A Tensor is one positional argument, a tuple is the positional arguments, a dict the
     keyword arguments; a list or any other iterable (a DataLoader) is a sequence of such
     batches. With one batch and ``n_batches > 1`` the batch is reused (fresh random
-    cotangents and dropout masks each time).
+    cotangents and dropout masks each time). ``name`` is the argument's name in errors.
     """
     if isinstance(n_batches, bool) or not isinstance(n_batches, int) or n_batches < 1:
         raise ValueError(f"n_batches must be an int >= 1, got {n_batches!r}")
@@ -428,7 +429,7 @@ def as_batches(example_inputs: Any, n_batches: int) -> list[tuple[tuple, dict]]:
         if isinstance(b, Mapping):
             return (), dict(b)
         raise TypeError(
-            "example_inputs must be a Tensor, a tuple of positional arguments, a dict of "
+            f"{name} must be a Tensor, a tuple of positional arguments, a dict of "
             f"keyword arguments, or an iterable of those; got {type(b).__name__}"
         )
 
@@ -436,7 +437,7 @@ def as_batches(example_inputs: Any, n_batches: int) -> list[tuple[tuple, dict]]:
         return [one(example_inputs)] * n_batches
     if isinstance(example_inputs, (str, bytes)) or not isinstance(example_inputs, Iterable):
         raise TypeError(
-            "example_inputs must be a Tensor, a tuple, a dict or an iterable of batches, "
+            f"{name} must be a Tensor, a tuple, a dict or an iterable of batches, "
             f"got {type(example_inputs).__name__}"
         )
     batches = []
@@ -447,7 +448,7 @@ def as_batches(example_inputs: Any, n_batches: int) -> list[tuple[tuple, dict]]:
         if len(batches) == n_batches:
             break
     if not batches:
-        raise ValueError("example_inputs is an empty iterable")
+        raise ValueError(f"{name} is an empty iterable")
     return batches
 
 
@@ -1022,6 +1023,7 @@ class _Planner:
         self.member_scale: dict[int, tuple[float, str]] = {}
         self.done: set[int] = set()
         self.done_modules: set[int] = set()
+        self.done_params: set[int] = set()  # ids of parameters already claimed by a module
         self.live: list[Rec] | None = None  # records of the pass being initialised
 
     # -- helpers -----------------------------------------------------------------------
@@ -1092,12 +1094,39 @@ class _Planner:
 
     # -- per module ----------------------------------------------------------------------
     def init_record(self, rec: Rec, x: Tensor | None, *, lsuv: bool = False) -> None:
-        """Initialise ``rec.module`` (once per module), then apply residual factors."""
+        """Initialise ``rec.module`` (once per module), then apply residual factors.
+
+        Frozen parameters (``requires_grad=False``, e.g. a pretrained backbone) and
+        parameters tied to a module initialised earlier (an output head sharing the
+        embedding's weight) are left as they are.
+        """
         m = rec.module
         if m is None or id(m) in self.done_modules:
             return
         self.done_modules.add(id(m))
         self.done.add(rec.index)
+        params = list(m.parameters())
+        frozen = {id(p) for p in params if not p.requires_grad}
+        tied = {id(p) for p in params if id(p) in self.done_params} - frozen
+        self.done_params.update(id(p) for p in params)
+        if params and len(frozen | tied) == len({id(p) for p in params}):
+            why = ("frozen (requires_grad=False)" if frozen
+                   else "tied to a module initialised before")
+            self.report.entries.append(InitEntry(rec.name, type(m).__name__, f"kept: {why}"))
+            return
+        keep = [(p, p.detach().clone()) for p in params if id(p) in frozen | tied]
+        n_before = len(self.report.entries)
+        try:
+            self._init_module(rec, m, x, lsuv)
+        finally:
+            with torch.no_grad():  # what must not change is put back
+                for p, saved in keep:
+                    p.copy_(saved)
+        if keep and len(self.report.entries) > n_before:
+            self.report.entries[-1].action += (
+                f"; {len(keep)} frozen or tied parameter(s) kept")
+
+    def _init_module(self, rec: Rec, m: nn.Module, x: Tensor | None, lsuv: bool) -> None:
         n_before = len(self.report.entries)
         if isinstance(m, (nn.Linear, *_CONV)):
             self._init_linear(rec, x)
@@ -1184,7 +1213,10 @@ class _Planner:
             return xf.mean(dim=dims)
         q = self.q_out.get(feed.src, 1.0) if feed.src is not None else 1.0
         _, mean, _ = _moments(feed.act or "", feed.act_param, q)
-        n_in = w.shape[1] * (m.groups if isinstance(m, _CONV) else 1)
+        if isinstance(m, nn.modules.conv._ConvTransposeNd):
+            n_in = w.shape[0]  # weight (in, out/groups, k...)
+        else:
+            n_in = w.shape[1] * (m.groups if isinstance(m, _CONV) else 1)
         return torch.full((n_in,), mean)
 
     def _init_rnn(self, name: str, m: nn.Module) -> None:
@@ -1277,6 +1309,13 @@ def _apply_weight(m: nn.Module, mean: Tensor) -> Tensor:
     if w.ndim == 2:
         return w @ mean.to(w)
     groups = getattr(m, "groups", 1)
+    if isinstance(m, nn.modules.conv._ConvTransposeNd):
+        # weight (in, out/groups, k...); an output position receives about
+        # prod(kernel) / prod(stride) taps of each input channel
+        wk = w.sum(dim=tuple(range(2, w.ndim))) / math.prod(m.stride)  # (in, out/groups)
+        wg = wk.reshape(groups, wk.shape[0] // groups, wk.shape[1])
+        mg = mean.to(w).reshape(groups, -1)
+        return torch.einsum("gio,gi->go", wg, mg).reshape(-1)
     wk = w.sum(dim=tuple(range(2, w.ndim)))  # (out, in/groups)
     out = wk.shape[0]
     mg = mean.to(w).reshape(groups, -1)
@@ -1406,7 +1445,7 @@ def init_model(
 
     gen = torch.Generator().manual_seed(seed)
     report = InitReport(scheme, None, data is not None)
-    batch = as_batches(data, 1)[0] if data is not None else None
+    batch = as_batches(data, 1, name="data")[0] if data is not None else None
 
     # 1. structure
     residuals: list[Residual] = []
@@ -1450,6 +1489,7 @@ def init_model(
                 + ", ".join(r.name for r in leftovers))
         static = _Planner(srecs, scheme, gen, report, data_driven=False)
         static.done_modules = planner.done_modules
+        static.done_params = planner.done_params
         for r in leftovers:
             static.init_record(static.recs[r.index], None)
     # 4. modules no rule covers

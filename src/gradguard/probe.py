@@ -359,7 +359,7 @@ class _ProbeTracer(Tracer):
         super().__init__(model, modules)
         self.fwd: dict[int, dict[str, Any]] = {}
         self.out_grads: dict[int, list[Tensor]] = {}
-        self.in_grads: dict[int, list[Tensor]] = {}
+        self.in_grads: dict[int, list[Tensor | None]] = {}
         self.in_clones: dict[int, list[Tensor]] = {}
         self.time_dim: dict[int, int] = {}
 
@@ -369,13 +369,19 @@ class _ProbeTracer(Tracer):
         clones = self.in_clones.setdefault(rec.index, [])
 
         def sub(t: Any) -> Any:
+            if isinstance(t, tuple) and hasattr(t, "_fields"):  # a namedtuple: PackedSequence
+                return type(t)(*(sub(u) for u in t))
             if isinstance(t, (tuple, list)):
                 return type(t)(sub(u) for u in t)
             if not (isinstance(t, Tensor) and t.requires_grad and t.is_floating_point()):
                 return t
             if id(t) not in memo:
                 c = t.clone()
-                c.register_hook(grads.append)
+                # in argument order, not in the order backward reaches them (an RNN's h0
+                # may get its gradient before the input sequence does)
+                slot = len(grads)
+                grads.append(None)
+                c.register_hook(lambda g, slot=slot: grads.__setitem__(slot, g))
                 memo[id(t)] = c
                 clones.append(c)
             return memo[id(t)]
@@ -637,9 +643,9 @@ def _raw(tracer: _ProbeTracer, pgrads: dict[Tensor, Tensor | None],
         put(("w", r.index), mod_params)
         put(("g", r.index), [pgrads.get(p) for p in mod_params])  # type: ignore[misc]
         if r.index in tracer.time_dim and tracer.in_grads.get(r.index):
-            g = tracer.in_grads[r.index][0]
+            g = tracer.in_grads[r.index][0]  # the input sequence's gradient
             d = tracer.time_dim[r.index]
-            if g.ndim == 3 and g.shape[d] > 1:
+            if g is not None and g.ndim == 3 and g.shape[d] > 1:
                 put(("t0", r.index), [g.select(d, 0)])
                 put(("t1", r.index), [g.select(d, g.shape[d] - 1)])
     put(("model", -1), model_grads)
@@ -917,7 +923,8 @@ def _rnn_findings(model: nn.Module) -> list[Cause]:
             if pn.startswith("weight_hh"):
                 w = p.detach().float()
                 gram = w.T @ w
-                if float((gram - torch.eye(gram.shape[0])).norm()) < 0.05 * math.sqrt(
+                eye = torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype)
+                if float((gram - eye).norm()) < 0.05 * math.sqrt(
                     gram.shape[0]
                 ):
                     gains = [float(b.norm() / math.sqrt(b.shape[1])) for b in w.split(h)]
