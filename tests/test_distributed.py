@@ -794,3 +794,103 @@ def test_distributed_step_is_sync_free_on_fake_cuda(monkeypatch, clip, nonfinite
                 p.grad = torch.randn_like(p)
             guard.observe_loss(torch.ones((), device="cuda"))
             assert guard.step() is True
+
+
+# --------------------------------------------------------------------------------------
+# Regressions: decisions that parted the ranks, stale evidence, Partial gradients
+# --------------------------------------------------------------------------------------
+
+
+def _regression_scenarios(rank, world):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from gradguard.distributed import register_nonfinite_hook
+
+    out = {}
+    # 1. The batches skipped after a rollback carry no collective: a rank's own loss on
+    #    them (inf on rank 1 only) must not reach the remedies.
+    torch.manual_seed(0)
+    model = DDP(nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    remedies = Remedies(lr_backoff=None, rollback=Rollback(skip_batches=2, loss_factor=3.0))
+    guard = gg.Guard(model, clip=1.0, sinks=[], log_every=2, remedies=remedies).attach(opt)
+    for step in range(1, 11):
+        torch.manual_seed(step)
+        loss = model(torch.randn(8, 4)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        if step in (3, 4):
+            guard.observe_loss(100.0)  # every rank: a loss jump, a rollback at step 4
+        elif step in (5, 6):
+            guard.observe_loss(math.inf if rank == 1 else 1.0)
+        else:
+            guard.observe_loss(1.0)
+        opt.step()
+    out["rollbacks"] = remedies.rollbacks
+    out["params"] = [p.detach().tolist() for p in model.parameters()]
+
+    # 2. A GradScaler skips optimizer.step() on an overflow (rank 1's input at step 2):
+    #    that backward's gradient evidence must not make the next, clean step skip.
+    torch.manual_seed(0)
+    model = DDP(nn.Linear(4, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gg.Guard(model, clip=1.0, sinks=[]).attach(opt)
+    register_nonfinite_hook(model, guard)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=1000)
+    for step in range(1, 5):
+        torch.manual_seed(100 + 7 * step + rank)
+        x = torch.randn(8, 4)
+        if step == 2 and rank == 1:
+            x[0, 0] = math.inf
+        opt.zero_grad()
+        scaler.scale(model(x).pow(2).mean()).backward()
+        scaler.step(opt)
+        scaler.update()
+    out["scaler_stats"] = guard.stats()
+
+    # 3. Disjoint parameters per rank (process_group=): auto's parameter norm is the
+    #    norm over all ranks, so every rank clips alike.
+    torch.manual_seed(rank)
+    stage = nn.Linear(4, 4) if rank == 0 else nn.Linear(4, 64)
+    opt = torch.optim.SGD(stage.parameters(), lr=1.0)
+    guard = gg.Guard(stage, clip="auto", sinks=[], process_group=dist.group.WORLD).attach(opt)
+    stage(torch.randn(8, 4)).pow(2).sum().backward()
+    sq = sum(float(p.detach().double().square().sum()) for p in stage.parameters())
+    with ggd.CollectiveCounter() as counter:
+        opt.step()
+    out["stage"] = {"threshold": float(guard.last["threshold"]), "param_sq": sq,
+                    "collectives": counter.count}
+
+    # 4. Partial gradients (a pending sum) are measured, but not clipped in place.
+    mesh = init_device_mesh("cpu", (world,))
+    w = nn.Parameter(DTensor.from_local(torch.zeros(4), mesh, [Replicate()]))
+    w.grad = DTensor.from_local(torch.full((4,), 10.0), mesh, [Partial()])
+    out["partial_norm"] = float(gg.get_total_norm([w.grad]))
+    try:
+        gg.Guard([w], clip=1.0, sinks=[]).step()
+        out["partial_error"] = None
+    except TypeError as err:
+        out["partial_error"] = str(err)
+    return out
+
+
+@pytest.mark.slow
+def test_regressions_rank_agreement_stale_evidence_partial():
+    from dist_utils import run_distributed
+
+    ranks = run_distributed(_regression_scenarios, WORLD, timeout=240)
+    assert [r["rollbacks"] for r in ranks] == [1, 1]
+    assert ranks[0]["params"] == ranks[1]["params"]
+    for r in ranks:
+        assert r["scaler_stats"]["nonfinite"] == 0 and r["scaler_stats"]["skipped"] == 0
+    thresholds = [r["stage"]["threshold"] for r in ranks]
+    assert thresholds[0] == thresholds[1]
+    theta = math.sqrt(sum(r["stage"]["param_sq"] for r in ranks))
+    assert thresholds[0] == pytest.approx(0.002 * theta / 1.0, rel=1e-5)
+    assert [r["stage"]["collectives"] for r in ranks] == [1, 1]
+    for r in ranks:
+        assert r["partial_norm"] == pytest.approx(40.0)  # the full gradient: 20 x 4 entries
+        assert "Partial" in r["partial_error"]

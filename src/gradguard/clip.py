@@ -287,6 +287,7 @@ def clip_grad_agc_(
         return torch.tensor(0.0)
     params = [p for p in every if p.grad is not None]
     g_groups = _norms.TensorGroups(grads, validate=False)  # get_grads validated
+    g_groups.writable()
     g_local = g_groups.local
     w_local, _ = _norms._localize(params)  # read under no_grad: no detach needed
     units = AgcUnits(g_local, g_groups.shards)

@@ -477,6 +477,10 @@ class GuardSync:
         """Forget the evidence of a step the Guard skipped without measuring."""
         self._loss_bad = self._grad_bad = None
 
+    def discard_gradient_evidence(self) -> None:
+        """Forget gradient evidence from backward passes before this one."""
+        self._grad_bad = None
+
     # -- helpers ---------------------------------------------------------------------------
 
     def _tensor(self, key: tuple, values: list, dtype: torch.dtype | None = None) -> Tensor:
@@ -743,9 +747,15 @@ class GuardSync:
                 return torch.zeros((), dtype=self.dtype, device=self.device)
             return sq.index_select(0, self._tensor(("index", tuple(idx)), idx, torch.int64)).sum()
 
-        local_sq = part(rep)
         get = pk.sum(part(contrib))
-        return lambda: (local_sq + get()).sqrt()
+        if self._members is None:
+            local_sq = part(rep)
+            return lambda: (local_sq + get()).sqrt()
+        # Ranks holding disjoint parameters (process_group=): their plain parameters add
+        # up over the members, in the same collective, so every rank sees one norm.
+        get_rep = pk.per_rank(part(rep))
+        members = self._tensor(("members",), self._members, torch.int64)
+        return lambda: (get_rep().select(1, 0).index_select(0, members).sum() + get()).sqrt()
 
     # -- events -------------------------------------------------------------------------------
 
@@ -866,9 +876,16 @@ def register_nonfinite_hook(
         hook = default_hooks.allreduce_hook
         state = ddp_model.process_group if state is None else state
 
+    backward_done = [True]
+
     def checked(hook_state, bucket):  # type: ignore[no-untyped-def]
         # (no annotations: DDP checks them, and here they would be strings)
+        if backward_done[0]:  # a new backward pass: evidence of earlier ones is stale
+            sync.discard_gradient_evidence()  # (a GradScaler may have skipped that step)
+            backward_done[0] = False
         sync.flag_gradients(bucket.buffer())
+        if bucket.is_last():
+            backward_done[0] = True
         return hook(hook_state, bucket)
 
     ddp_model.register_comm_hook(state, checked)

@@ -352,6 +352,9 @@ class Guard:
         step_no = self.step_count
         if self._skip_next > 0:  # a rollback asked to skip the batches that follow it
             self._skip_next -= 1  # (on every rank alike: remedies decide on shared data)
+            # No collective on these steps, so a rank's own loss must not reach the
+            # record: remedies acting on it would part the ranks.
+            self._pending_loss = None
             if self._sync is not None:
                 self._sync.discard()
             self._record_skip(step_no, reason="rollback")
@@ -366,6 +369,8 @@ class Guard:
             return True
         grads_present = [grads[i] for i in present_idx]
         groups = _norms.TensorGroups(grads_present, what="parameters[{}].grad")
+        if groups.partial and (self.policy is not None or self.nonfinite == "zero"):
+            groups.writable()  # raises: clipping would miss the pending sum
         p = self.norm_type
         all_present = len(present_idx) == len(params)
 

@@ -400,7 +400,12 @@ class TensorGroups:
             _check_keys(self.tensors, keys, what)
         types = {k[0] for k in keys}
         dtensor = _dtensor_type()
+        # Partial DTensors (a pending sum) are measured on a redistributed copy, which
+        # in-place updates would not reach: they are refused there (see writable()).
+        self.partial: list[int] = []
         if dtensor is not None and any(issubclass(tp, dtensor) for tp in types):
+            self.partial = [i for i, t in enumerate(self.tensors) if isinstance(t, dtensor)
+                            and any(pl.is_partial() for pl in t.placements)]
             self.local, self.shards = _localize(self.tensors)
             types = {type(t) for t in self.local}
             self.groups = _group_by_device_and_dtype(self.local)
@@ -452,6 +457,15 @@ class TensorGroups:
             norms = _reduce_shard_norms(norms, self.shards, p)
         return norms
 
+    def writable(self) -> None:
+        """Raise unless in-place updates of :attr:`local` reach the tensors themselves."""
+        if self.partial:
+            raise TypeError(
+                f"{len(self.partial)} gradient(s) are DTensors with a Partial placement (a "
+                "pending cross-rank sum): their norm can be measured, but they cannot be "
+                "clipped in place; redistribute them (e.g. to Shard or Replicate) first"
+            )
+
     def mul_(self, coef: Tensor, foreach: bool | None = None) -> None:
         """Multiply in place by a coefficient ``<= 1``: a 0-d tensor or one per tensor.
 
@@ -461,6 +475,7 @@ class TensorGroups:
         """
         if not self.local:
             return
+        self.writable()
         if coef.ndim == 0:
             if self.all_cpu and coef.device.type == "cpu" and bool(coef >= 1):
                 return
@@ -485,6 +500,7 @@ class TensorGroups:
 
     def clamp_(self, value: float, foreach: bool | None = None) -> None:
         """Clamp every entry to ``[-value, value]`` in place."""
+        self.writable()
         for (device, _), (group, _) in self.groups.items():
             if _foreach_ok(group, device, foreach, self._types_ok):
                 torch._foreach_clamp_min_(group, -value)
