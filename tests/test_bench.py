@@ -417,3 +417,40 @@ def test_diagnosis_of_the_post_ln_task_points_to_warmup():
 
     assert "warm-up" in _advice("charlm-postln") and "Pre-LN" in _advice("charlm-postln")
     assert "Post-LN" not in _advice("deep-mlp-digits")
+
+
+def test_grid_config_rejects_empty_lists_and_repeats():
+    for kw, match in [({"tasks": []}, "tasks"), ({"methods": []}, "methods"),
+                      ({"seeds": [0, 0]}, "seeds must not repeat"),
+                      ({"lrs": [0.1, 0.1]}, "lrs must not repeat")]:
+        with pytest.raises(ValueError, match=match):
+            R.GridConfig(**kw).validate()
+
+
+def test_cli_bad_full_traces(tmp_path, capsys):
+    from gradguard.cli import main
+
+    argv = ["bench", "--out", str(tmp_path), "--no-progress", "--tasks", "deep-linear",
+            "--methods", "none", "--full-traces", "nope"]
+    assert main(argv) == 2
+    assert "--full-traces" in capsys.readouterr().err
+
+
+def test_resume_does_not_reuse_runs_without_the_full_traces_asked_for(tmp_path):
+    cfg = dict(tasks=["deep-linear"], methods=["none"], lrs=[0.01], seeds=[0], steps=2,
+               workers=1)
+    R.run_grid(R.GridConfig(**cfg), tmp_path, progress=False)
+    again = R.run_grid(R.GridConfig(full_trace_methods=["none"], **cfg), tmp_path,
+                       progress=False, resume=True)
+    assert "full" in again["runs"][0]
+    expanded = R.run_grid(R.GridConfig(full_trace_methods=["tuned"], **cfg), None,
+                          progress=False)  # a meta-method is expanded, not refused
+    assert len(expanded["runs"]) == 1
+
+
+def test_diagnosis_with_only_unprotected_runs():
+    from gradguard.bench.diagnose import diagnose_task
+
+    runs = [_fake_run("none", 0.3, 0.1, diverged=True, nonfinite=5, seed=s) for s in range(2)]
+    d = diagnose_task("t", runs, _INFO)
+    assert d["verdict"] == "unknown" and "run a clipping method" in d["message"]

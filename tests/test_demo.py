@@ -49,3 +49,8 @@ def test_cli_help_and_unknown_command(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--version"])
     assert exc.value.code == 0
+
+
+def test_demo_rejects_an_unknown_task():
+    with pytest.raises(SystemExit, match="--task"):
+        main(["demo", "--task", "nope", "--seeds", "1", "--workers", "1", "--steps", "2"])

@@ -414,3 +414,35 @@ def test_cli_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert "neither a Guard JSON Lines log" in capsys.readouterr().err
     assert cli(["report", str(tmp_path / "missing.jsonl")]) == 2
     assert not (tmp_path / "notes.html").exists()
+
+
+def test_malformed_log_lines_give_a_clear_error(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    lines = ['{"type":"event","step":1.5,"kind":"k","message":"m"}',
+             '{"type":"event","step":1,"kind":"k","message":"m","data":[1,2]}',
+             '{"type":"event","step":1,"kind":"k","message":"m","layers":5}',
+             '{"type":"meta","names":5}']
+    for i, line in enumerate(lines):
+        bad = tmp_path / f"bad{i}.jsonl"
+        bad.write_text(line + "\n")
+        with pytest.raises(ValueError, match=f"bad{i}.jsonl:1: malformed"):
+            read_jsonl(bad)
+        assert cli(["report", str(bad)]) == 2
+        assert "malformed" in capsys.readouterr().err
+
+
+def test_a_log_whose_losses_were_all_non_finite(tmp_path: Path) -> None:
+    model = nn.Linear(3, 1)
+    log = tmp_path / "nan.jsonl"
+    guard = gg.Guard(model, clip=1.0, sinks=[str(log)], log_every=5)
+    for _ in range(10):
+        model.zero_grad()
+        model(torch.randn(4, 3)).sum().backward()
+        guard.observe_loss(torch.tensor(math.nan))
+        guard.step()
+    guard.close()
+    run = read_jsonl(log)
+    run.meta["time"] = 1e20  # a corrupt start time is left out, not a crash
+    page = render_run_report(run)
+    assert "Every one of the 10 losses given to the Guard was NaN or infinite" in page
+    assert "call guard.observe_loss" not in page

@@ -95,7 +95,10 @@ def cli_main(args: argparse.Namespace) -> int:
                          f"--lr > 0 (got seeds={args.seeds}, workers={args.workers}, "
                          f"steps={args.steps}, lr={args.lr})")
     _init_worker()
-    t = tasks.get_task(args.task)
+    try:
+        t = tasks.get_task(args.task)
+    except ValueError as e:
+        raise SystemExit(f"gradguard demo: --task: {e}") from None
     t0 = time.perf_counter()
     steps = args.steps or t.steps
     print(f"gradguard demo: {t.spec}, learning rate {args.lr:g}, {steps} steps, "

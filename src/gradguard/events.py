@@ -640,10 +640,15 @@ def read_jsonl(path: str | os.PathLike[str]) -> RunLog:
             raise ValueError(f"{os.fspath(path)}:{i}: not a gradguard log line ({e})") from e
         obj = decode_json_value(obj)
         kind = obj.pop("type", None)
-        if kind == "meta":
-            log.meta.update(obj)
-        elif kind == "record":
-            log.records.append(obj)
-        elif kind == "event":
-            log.events.append(Event.from_dict(obj))
+        try:
+            if kind == "meta":
+                if not isinstance(obj.get("names", []), list):
+                    raise TypeError(f"names must be a list, got {obj['names']!r}")
+                log.meta.update(obj)
+            elif kind == "record":
+                log.records.append(obj)
+            elif kind == "event":
+                log.events.append(Event.from_dict(obj))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{os.fspath(path)}:{i}: malformed {kind} line ({e})") from e
     return log

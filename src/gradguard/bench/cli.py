@@ -107,6 +107,10 @@ def cli_main(args: argparse.Namespace) -> int:
         config.validate()
         _tasks.expand_task_specs(config.tasks)
         _methods.expand_method_specs(config.methods)
+        try:
+            _methods.expand_method_specs(config.full_trace_methods)
+        except ValueError as e:
+            raise ValueError(f"--full-traces: {e}") from None
     except ValueError as e:
         print(f"gradguard bench: error: {e}", file=sys.stderr)
         return 2

@@ -104,8 +104,8 @@ def diagnose_task(
             continue
         failing.append(lr)
         spread = statistics.pstdev([float(r["score"]) for r in none]) if len(none) > 1 else 0.0
-        rescue = max((sign * (mean_score(rs) - s_none), m) for m, rs in by_lr[lr].items()
-                     if m != "none")
+        rescue = max(((sign * (mean_score(rs) - s_none), m) for m, rs in by_lr[lr].items()
+                      if m != "none"), default=(0.0, None))  # (only "none" was run)
         ratios = []
         for r in none:
             ns = r.get("norm_stats") or {}
@@ -124,6 +124,11 @@ def diagnose_task(
     if not failing:
         return {"verdict": "healthy", "message": "trains without protection at every "
                 "learning rate of the grid", "failing_lrs": [], "evidence": {}}
+    if not any(m != "none" for lr in failing for m in by_lr[lr]):
+        return {"verdict": "unknown",
+                "message": f"without protection training fails at lr {_lrs(failing)}; run "
+                           "a clipping method too to tell whether it is a gradient explosion",
+                "failing_lrs": failing, "evidence": evidence}
     rescued = [lr for lr in failing if evidence[lr]["rescued"]]
     if rescued:
         top = max(evidence[lr]["norm_growth"] for lr in failing)

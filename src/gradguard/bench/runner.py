@@ -357,6 +357,13 @@ class GridConfig:
             raise ValueError(f"steps must be an int >= 1, got {self.steps!r}")
         if not isinstance(self.workers, int) or self.workers < 1:
             raise ValueError(f"workers must be an int >= 1, got {self.workers!r}")
+        if not self.tasks:
+            raise ValueError("tasks must name at least one task")
+        if not self.methods:
+            raise ValueError("methods must name at least one method")
+        for name, values in (("lrs", self.lrs), ("seeds", self.seeds)):
+            if len(set(values)) != len(values):
+                raise ValueError(f"{name} must not repeat a value, got {list(values)!r}")
 
 
 def plan(config: GridConfig) -> tuple[list[Job], dict[str, Any]]:
@@ -370,7 +377,8 @@ def plan(config: GridConfig) -> tuple[list[Job], dict[str, Any]]:
     config.validate()
     tasks = _tasks.expand_task_specs(config.tasks)
     methods, metas = _methods.expand_method_specs(config.methods)
-    full = {_methods.get_method(s).spec for s in config.full_trace_methods}
+    full_specs, _ = _methods.expand_method_specs(config.full_trace_methods)
+    full = {_methods.get_method(s).spec for s in full_specs}
     skipped = []
     runnable = []
     for s in methods:
@@ -490,7 +498,7 @@ def run_grid(
             nothing is written).
         progress: show a progress bar.
         resume: reuse the runs already in ``out_dir/runs.jsonl`` (same task, method,
-            lr, seed and steps) instead of running them again.
+            lr, seed, steps and full traces or not) instead of running them again.
         log: where messages (skipped methods) go.
 
     Returns:
@@ -505,8 +513,10 @@ def run_grid(
         out.mkdir(parents=True, exist_ok=True)
         jsonl = out / "runs.jsonl"
         if resume:
-            wanted = {j.key() for j in jobs}
-            old = [r for r in _load_jsonl(jsonl) if "error" not in r and _run_key(r) in wanted]
+            # a run saved without full traces cannot stand in for one that asks for them
+            wanted = {j.key(): j.full_trace for j in jobs}
+            old = [r for r in _load_jsonl(jsonl) if "error" not in r and _run_key(r) in wanted
+                   and ("full" in r or not wanted[_run_key(r)])]
             runs.extend(old)
             have = {_run_key(r) for r in old}
             jobs = [j for j in jobs if j.key() not in have]

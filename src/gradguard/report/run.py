@@ -256,6 +256,7 @@ def _summary(log: RunLog, recs: list[dict[str, Any]]) -> dict[str, Any]:
         "first_problem": first,
         "top_layer": top,
         "loss_observed": bool(finite_losses),
+        "loss_nonfinite": sum(_i(r.get("loss_nonfinite")) for r in recs),
         "loss_first": finite_losses[0] if finite_losses else math.nan,
         "loss_last": finite_losses[-1] if finite_losses else math.nan,
         "loss_min": min(finite_losses) if finite_losses else math.nan,
@@ -400,6 +401,9 @@ def _cards(s: dict[str, Any]) -> str:
             "loss", f"{fmt_num(s['loss_first'])} → {fmt_num(s['loss_last'])}",
             f"first → last interval mean · min {fmt_num(s['loss_min'])}", "wide",
         ))
+    elif s["loss_nonfinite"]:
+        cards.append(_card("loss", "non-finite",
+                           f"all {fmt_count(s['loss_nonfinite'])} observed losses"))
     else:
         cards.append(_card("loss", "\u2013", "not recorded (call guard.observe_loss(loss))"))
     pol = s["policy"]
@@ -467,8 +471,13 @@ def _settings(meta: Mapping[str, Any], source: str | None) -> str:
             rows.append([esc(key), f"<code>{esc(meta[key])}</code>"])
     t = _f(meta.get("time"))
     if math.isfinite(t):
-        when = _dt.datetime.fromtimestamp(t, tz=_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-        rows.append(["started", esc(when)])
+        try:
+            when = _dt.datetime.fromtimestamp(t, tz=_dt.timezone.utc).strftime(
+                "%Y-%m-%d %H:%M:%S UTC")
+        except (OverflowError, OSError, ValueError):  # a corrupt time: leave it out
+            when = None
+        if when is not None:
+            rows.append(["started", esc(when)])
     names = [str(n) for n in (meta.get("names") or [])]
     rows.append(["parameter tensors", fmt_count(len(names))])
     skip = {"gradguard_version", "policy", "nonfinite", "norm_type", "log_every", "rank",
@@ -574,6 +583,9 @@ def render_run_report(
             "the last one; red crosses on the top edge: intervals without a finite loss."
             + esc(merged),
         ))
+    elif s["loss_nonfinite"]:
+        body.append(f'<div class="empty">Every one of the {fmt_count(s["loss_nonfinite"])} '
+                    "losses given to the Guard was NaN or infinite.</div>")
     else:
         body.append('<div class="empty">No loss in this log: pass it to the Guard with '
                     "<code>guard.observe_loss(loss)</code> before each optimizer step.</div>")
