@@ -23,22 +23,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from gradguard.report.html import esc, fmt_count, fmt_num, fmt_pct, page, table
+from gradguard.report.html import as_float, esc, fmt_count, fmt_num, fmt_pct, page, table
 
 __all__ = ["load_bench_results", "render_bench_report", "write_bench_report"]
-
-
-def _f(x: Any) -> float:
-    if isinstance(x, bool):
-        return float(x)
-    if isinstance(x, (int, float)):
-        return float(x)
-    if isinstance(x, str):
-        try:
-            return float(x)
-        except ValueError:
-            return math.nan
-    return math.nan
 
 
 # --------------------------------------------------------------------------------------
@@ -77,7 +64,7 @@ def _results_from_runs(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             tasks_info[t] = {"metric": "score", "higher_is_better": None}
     for r in good:  # strict-JSON runs hold None for NaN; the runner wants floats
         for key in ("score", "frac_clipped", "frac_skipped", "sec_per_step", "ctl_ms_per_step"):
-            v = _f(r.get(key))
+            v = as_float(r.get(key))
             r[key] = v if math.isfinite(v) else (0.0 if key != "score" else math.nan)
         r["diverged"] = bool(r.get("diverged"))
     good = [r for r in good if math.isfinite(r["score"])]
@@ -209,11 +196,11 @@ def _lines_for_task(
     for r in runs:
         if r.get("task") != task or "error" in r:
             continue
-        lr = _f(r.get("lr"))
+        lr = as_float(r.get("lr"))
         if not (math.isfinite(lr) and lr > 0):
             continue
         div = bool(r.get("diverged"))
-        sc = _f(r.get("score", r.get("metric")))
+        sc = as_float(r.get("score", r.get("metric")))
         if not math.isfinite(sc):
             sc = trivial if div else math.nan
         per.setdefault(str(r.get("method")), {}).setdefault(lr, []).append((sc, div))
@@ -238,21 +225,21 @@ def _lines_for_task(
         if "tuned_from" in row:
             continue
         cells = sorted((c for c in row.get("per_lr") or [] if isinstance(c, Mapping)),
-                       key=lambda c: _f(c.get("lr")))
-        cells = [c for c in cells if _f(c.get("lr")) > 0]
+                       key=lambda c: as_float(c.get("lr")))
+        cells = [c for c in cells if as_float(c.get("lr")) > 0]
         if not cells:
             continue
-        mean = [_f(c.get("mean_score")) for c in cells]
-        sd = [_f(c.get("spread")) for c in cells]
+        mean = [as_float(c.get("mean_score")) for c in cells]
+        sd = [as_float(c.get("spread")) for c in cells]
         lines.append({
             "method": str(row.get("method")),
-            "lr": [_f(c.get("lr")) for c in cells],
+            "lr": [as_float(c.get("lr")) for c in cells],
             "mean": mean,
             "lo": [a - b if math.isfinite(b) else a for a, b in zip(mean, sd, strict=True)],
             "hi": [a + b if math.isfinite(b) else a for a, b in zip(mean, sd, strict=True)],
-            "n_div": [_f(c.get("n_diverged")) if math.isfinite(_f(c.get("n_diverged"))) else 0
-                      for c in cells],
-            "n": [_f(c.get("n")) for c in cells],
+            "n_div": [as_float(c.get("n_diverged"))
+                      if math.isfinite(as_float(c.get("n_diverged"))) else 0 for c in cells],
+            "n": [as_float(c.get("n")) for c in cells],
         })
     return lines
 
@@ -274,12 +261,12 @@ def _best_mask(values: Sequence[float], higher: bool, skip: Sequence[bool] = ())
 def _summary_table(rows: Sequence[Mapping[str, Any]], higher: bool | None) -> str:
     header = ["method", "divergence rate", "max stable lr", "best score ± sd (at lr)",
               "mean over grid ± sd", "clipped", "skipped", "ms / step", "ctl overhead ms"]
-    div = [_f(r.get("divergence_rate")) for r in rows]
-    msl = [_f(r.get("max_stable_lr")) if r.get("max_stable_lr") is not None else -math.inf
+    div = [as_float(r.get("divergence_rate")) for r in rows]
+    msl = [as_float(r.get("max_stable_lr")) if r.get("max_stable_lr") is not None else -math.inf
            for r in rows]
-    best = [_f(r.get("best_metric")) for r in rows]
-    mean = [_f(r.get("mean_metric")) for r in rows]
-    ovh = [_f(r.get("ctl_overhead_ms")) for r in rows]
+    best = [as_float(r.get("best_metric")) for r in rows]
+    mean = [as_float(r.get("mean_metric")) for r in rows]
+    ovh = [as_float(r.get("ctl_overhead_ms")) for r in rows]
     is_none = [r.get("method") == "none" for r in rows]
     marks = {
         1: _best_mask(div, higher=False),
@@ -298,7 +285,7 @@ def _summary_table(rows: Sequence[Mapping[str, Any]], higher: bool | None) -> st
         m = "none" if r.get("max_stable_lr") is None else fmt_num(r.get("max_stable_lr"))
         if r.get("stable_below") is False:
             m += "*"
-        sec = _f(r.get("sec_per_step"))
+        sec = as_float(r.get("sec_per_step"))
         cells = [
             name,
             fmt_pct(r.get("divergence_rate"), 0)
@@ -331,13 +318,14 @@ def _summary_table(rows: Sequence[Mapping[str, Any]], higher: bool | None) -> st
 
 
 def _lr_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    lrs = sorted({_f(c.get("lr")) for r in rows for c in (r.get("per_lr") or [])
-                  if isinstance(c, Mapping) and math.isfinite(_f(c.get("lr")))})
+    lrs = sorted({as_float(c.get("lr")) for r in rows for c in (r.get("per_lr") or [])
+                  if isinstance(c, Mapping) and math.isfinite(as_float(c.get("lr")))})
     if not lrs:
         return ""
     body = []
     for r in rows:
-        cells = {_f(c.get("lr")): c for c in (r.get("per_lr") or []) if isinstance(c, Mapping)}
+        cells = {as_float(c.get("lr")): c
+                 for c in (r.get("per_lr") or []) if isinstance(c, Mapping)}
         out = [esc(r.get("method", "?"))]
         for lr in lrs:
             c = cells.get(lr)
@@ -345,7 +333,7 @@ def _lr_table(rows: Sequence[Mapping[str, Any]]) -> str:
                 out.append("")
                 continue
             s = fmt_num(c.get("mean_score"))
-            nd = _f(c.get("n_diverged"))
+            nd = as_float(c.get("n_diverged"))
             if math.isfinite(nd) and nd > 0:
                 s += f' <span class="sev error">✗{int(nd)}</span>'
             out.append(s)
@@ -459,7 +447,7 @@ def render_bench_report(results_or_path: Any, *, title: str | None = None) -> st
     for key in ("torch", "python"):
         if cfg.get(key):
             sub.append(f"{key} {esc(cfg[key])}")
-    el = _f(cfg.get("elapsed_sec"))
+    el = as_float(cfg.get("elapsed_sec"))
     if math.isfinite(el) and el > 0:
         sub.append(f"{esc(fmt_num(el / 60, 3))} min")
     sub.append(f"{fmt_count(len(runs))} runs")
@@ -489,7 +477,7 @@ def render_bench_report(results_or_path: Any, *, title: str | None = None) -> st
         if isinstance(verdict, Mapping) and verdict.get("message"):
             body.append('<section class="diagnosis"><h2>Diagnosis</h2><ul><li>'
                         f'{esc(verdict["message"])}</li></ul></section>')
-        trivial = _f(info.get("trivial_metric"))
+        trivial = as_float(info.get("trivial_metric"))
         lines = _lines_for_task(task, runs, rows, trivial)
         if lines:
             fig = F.bench_figure(lines, metric=str(info.get("metric", "score")),

@@ -18,6 +18,7 @@ from typing import Any
 __all__ = [
     "CSP",
     "NA",
+    "as_float",
     "esc",
     "fmt_count",
     "fmt_num",
@@ -49,6 +50,18 @@ def esc(value: Any) -> str:
     name is always one visible line.
     """
     return _html.escape(_CONTROL.sub(_show_control, str(value)), quote=True)
+
+
+def as_float(x: Any) -> float:
+    """A float from a log or results value: None, text and bad values become NaN."""
+    if isinstance(x, (bool, int, float)):
+        return float(x)
+    if isinstance(x, str):
+        try:
+            return float(x)  # "NaN", "Infinity" from an undecoded log
+        except ValueError:
+            return math.nan
+    return math.nan
 
 
 def fmt_num(x: Any, digits: int = 3) -> str:

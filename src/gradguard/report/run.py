@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from gradguard.events import EVENT_SEVERITY, Event, RunLog, read_jsonl
-from gradguard.report.html import NA, esc, fmt_count, fmt_num, fmt_pct, page, table
+from gradguard.report.html import NA, as_float, esc, fmt_count, fmt_num, fmt_pct, page, table
 
 __all__ = [
     "MAX_EVENT_ROWS",
@@ -89,22 +89,8 @@ def load_run_log(log_or_path: Any) -> tuple[RunLog, str | None]:
     return log, str(path)
 
 
-def _f(x: Any) -> float:
-    """A float from a log value: None, text and bad values become NaN."""
-    if isinstance(x, bool):
-        return float(x)
-    if isinstance(x, (int, float)):
-        return float(x)
-    if isinstance(x, str):
-        try:
-            return float(x)  # "NaN", "Infinity" from an undecoded log
-        except ValueError:
-            return math.nan
-    return math.nan
-
-
 def _i(x: Any) -> int:
-    v = _f(x)
+    v = as_float(x)
     return int(v) if math.isfinite(v) else 0
 
 
@@ -115,8 +101,8 @@ def _normalise_records(records: Iterable[Mapping[str, Any]]) -> list[dict[str, A
     for r in records:
         if not isinstance(r, Mapping):
             continue
-        first, last = _f(r.get("step_first")), _f(r.get("step_last"))
-        n = _f(r.get("n_steps"))
+        first, last = as_float(r.get("step_first")), as_float(r.get("step_last"))
+        n = as_float(r.get("n_steps"))
         if not math.isfinite(last):
             last = first + (n - 1 if math.isfinite(n) else 0) if math.isfinite(first) else prev + 1
         if not math.isfinite(first):
@@ -217,23 +203,23 @@ def _summary(log: RunLog, recs: list[dict[str, Any]]) -> dict[str, Any]:
     if tops:
         best = max(
             tops,
-            key=lambda r: _f(r.get("top_layer_norm")) if math.isfinite(_f(r.get("top_layer_norm")))
-            else -math.inf,
+            key=lambda r: as_float(r.get("top_layer_norm"))
+            if math.isfinite(as_float(r.get("top_layer_norm"))) else -math.inf,
         )
         often = Counter(r["top_layer"] for r in tops).most_common(1)[0]
         top = {
             "name": best["top_layer"],
-            "norm": _f(best.get("top_layer_norm")),
+            "norm": as_float(best.get("top_layer_norm")),
             "step_first": int(best["step_first"]),
             "step_last": int(best["step_last"]),
             "most_often": often[0],
             "share": often[1] / len(tops),
         }
 
-    losses = [(r, _f(r.get("loss_mean"))) for r in recs]
+    losses = [(r, as_float(r.get("loss_mean"))) for r in recs]
     finite_losses = [v for _, v in losses if math.isfinite(v)]
-    means = sorted(v for v in (_f(r.get("pre_norm_mean")) for r in recs) if math.isfinite(v))
-    maxes = [(r, _f(r.get("pre_norm_max"))) for r in recs]
+    means = sorted(v for v in (as_float(r.get("pre_norm_mean")) for r in recs) if math.isfinite(v))
+    maxes = [(r, as_float(r.get("pre_norm_max"))) for r in recs]
     maxes = [(r, v) for r, v in maxes if math.isfinite(v)]
     norm_max = norm_max_step = None
     if maxes:
@@ -295,24 +281,24 @@ def _series(recs: Sequence[dict[str, Any]], max_points: int) -> dict[str, list[f
     for s in range(0, len(recs), k):
         b = recs[s : s + k]
         fin = [max(r["n_steps"] - _i(r.get("nonfinite")), 0.0) for r in b]
-        mins = [v for v in (_f(r.get("pre_norm_min")) for r in b) if math.isfinite(v)]
-        maxs = [v for v in (_f(r.get("pre_norm_max")) for r in b) if math.isfinite(v)]
-        lasts = [v for v in (_f(r.get("loss_last")) for r in b) if math.isfinite(v)]
+        mins = [v for v in (as_float(r.get("pre_norm_min")) for r in b) if math.isfinite(v)]
+        maxs = [v for v in (as_float(r.get("pre_norm_max")) for r in b) if math.isfinite(v)]
+        lasts = [v for v in (as_float(r.get("loss_last")) for r in b) if math.isfinite(v)]
         n_fin = sum(fin)
         n_clip = sum(_i(r.get("clipped")) for r in b)
         if n_fin > 0 and any("clipped" in r for r in b):
             rate = n_clip / n_fin
         else:
-            rate = _wmean((_f(r.get("clip_rate")), 1.0) for r in b)
+            rate = _wmean((as_float(r.get("clip_rate")), 1.0) for r in b)
         out["step"].append(b[-1]["step_last"])
         out["step_first"].append(b[0]["step_first"])
         out["pre_min"].append(min(mins) if mins else math.nan)
         out["pre_max"].append(max(maxs) if maxs else math.nan)
         pairs = list(zip(b, fin, strict=True))
-        out["pre_mean"].append(_wmean((_f(r.get("pre_norm_mean")), w) for r, w in pairs))
-        out["post_mean"].append(_wmean((_f(r.get("post_norm_mean")), w) for r, w in pairs))
-        out["threshold"].append(_f(b[-1].get("threshold_last")))
-        out["loss_mean"].append(_wmean((_f(r.get("loss_mean")), r["n_steps"]) for r in b))
+        out["pre_mean"].append(_wmean((as_float(r.get("pre_norm_mean")), w) for r, w in pairs))
+        out["post_mean"].append(_wmean((as_float(r.get("post_norm_mean")), w) for r, w in pairs))
+        out["threshold"].append(as_float(b[-1].get("threshold_last")))
+        out["loss_mean"].append(_wmean((as_float(r.get("loss_mean")), r["n_steps"]) for r in b))
         out["loss_last"].append(lasts[-1] if lasts else math.nan)
         out["clip_rate"].append(rate)
         out["nonfinite"].append(float(sum(_i(r.get("nonfinite")) for r in b)))
@@ -469,7 +455,7 @@ def _settings(meta: Mapping[str, Any], source: str | None) -> str:
     for key in ("gradguard_version", "policy", "nonfinite", "norm_type", "log_every", "rank"):
         if key in meta:
             rows.append([esc(key), f"<code>{esc(meta[key])}</code>"])
-    t = _f(meta.get("time"))
+    t = as_float(meta.get("time"))
     if math.isfinite(t):
         try:
             when = _dt.datetime.fromtimestamp(t, tz=_dt.timezone.utc).strftime(
@@ -574,7 +560,7 @@ def render_run_report(
     body.append("<h2>Loss</h2>")
     if ser is not None and s["loss_observed"]:
         bad = [r["step_last"] for r in recs
-               if not math.isfinite(_f(r.get("loss_mean"))) and r["n_steps"] > 0]
+               if not math.isfinite(as_float(r.get("loss_mean"))) and r["n_steps"] > 0]
         fig = F.loss_figure(ser["step"], ser["loss_mean"], ser["loss_last"], xlim=xlim,
                             layout=layout, bad_steps=_thin(bad, 2000))
         body.append(_figure(
@@ -592,7 +578,7 @@ def render_run_report(
 
     # 2. gradient norms
     body.append("<h2>Gradient norm</h2>")
-    ev_marks = [(float(e.step), e.kind, _f(e.data.get("norm"))) for e in events]
+    ev_marks = [(float(e.step), e.kind, as_float(e.data.get("norm"))) for e in events]
     by_kind: dict[str, list[tuple[float, str, float]]] = {}
     for m in ev_marks:
         by_kind.setdefault(m[1], []).append(m)
