@@ -16,13 +16,6 @@ ALL_TASKS = ["adding-rnn", "deep-mlp-digits", "deep-linear", "charlm-postln",
              "spike-injection:x100", "spike-injection:nan", "spike-injection:clean"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # --------------------------------------------------------------------------------------
 # Tasks

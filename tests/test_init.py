@@ -12,15 +12,6 @@ from torch import nn
 
 from gradguard.init import activation_gain, init_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --------------------------------------------------------------------------------------
 # Numerical gains
 # --------------------------------------------------------------------------------------

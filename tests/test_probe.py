@@ -18,14 +18,6 @@ from gradguard.probe import VERDICTS, probe
 WIDTH = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One thread for this module (conftest.py also sets it and flushes denormals)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # --------------------------------------------------------------------------------------
 # The panel
