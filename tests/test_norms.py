@@ -103,20 +103,54 @@ def test_accepts_generator_and_single_tensor():
     assert gg.tensor_norms(torch.ones(4)).item() == 2.0
 
 
-@pytest.mark.parametrize("bad", ["two", None, [1, 2]])
+@pytest.mark.parametrize("bad", ["two", None, [1, 2], True, torch.tensor(2.0)])
 def test_norm_type_must_be_a_number(bad):
     with pytest.raises(TypeError, match="norm_type"):
         gg.get_total_norm([torch.ones(2)], bad)
 
 
-@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), -math.inf])
-def test_norm_type_must_be_positive(bad):
+def test_norm_type_nan_is_rejected():
     with pytest.raises(ValueError, match="norm_type"):
-        gg.get_total_norm([torch.ones(2)], bad)
+        gg.get_total_norm([torch.ones(2)], float("nan"))
 
 
-def test_norm_type_string_inf_like_torch():
-    assert gg.get_total_norm([torch.tensor([3.0, -4.0])], "inf").item() == 4.0
+@pytest.mark.parametrize("p", [0, -1.0, -0.5, -math.inf])
+def test_strict_norm_type_rejects_what_only_torch_functions_accept(p):
+    # The Guard and AGC keep the strict check; the torch-compatible functions take p <= 0.
+    with pytest.raises(ValueError, match="norm_type must be > 0"):
+        norms.validate_norm_type(p)
+    assert norms.validate_norm_type(p, torch_compatible=True) == p
+
+
+@pytest.mark.parametrize(("text", "p"), [("inf", math.inf), ("-inf", -math.inf), ("2", 2.0)])
+def test_norm_type_strings_like_torch(text, p):
+    x = [torch.tensor([3.0, -4.0])]
+    assert torch.equal(gg.get_total_norm(x, text), torch.nn.utils.get_total_norm(x, text))
+    assert norms.validate_norm_type(text, torch_compatible=True) == p
+
+
+@pytest.mark.parametrize("p", [0.0, -1.0, -0.5, -math.inf, 0.5, 3.0, math.inf])
+@pytest.mark.parametrize("foreach", [None, False])
+def test_every_torch_norm_order_equals_torch(p, foreach):
+    ts = _tensors()
+    ts[1][0, 0] = 0.0  # a zero entry: the 0-norm counts, negative orders give 0
+    ours = gg.get_total_norm(ts, p, foreach=foreach)
+    theirs = torch.nn.utils.get_total_norm(ts, p, foreach=foreach)
+    assert torch.equal(ours, theirs), (ours, theirs)
+    torch.testing.assert_close(gg.tensor_norms(ts, p, foreach=foreach),
+                               torch.stack([torch.linalg.vector_norm(t, p) for t in ts]),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("p", "empty"), [(math.inf, 0.0), (-math.inf, math.inf),
+                                          (-1.0, math.inf), (0.0, 0.0), (2.0, 0.0)])
+def test_empty_tensors_do_not_change_the_total(p, empty):
+    # torch raises for inf, -inf and p < 0 on an empty tensor (no identity); an empty
+    # gradient (an uneven FSDP2 shard, a zero-size parameter) must not change the total.
+    ts = _tensors([(3, 4), (5,)])
+    with_empty = [ts[0], torch.zeros(0), ts[1]]
+    assert gg.tensor_norms(with_empty, p)[1].item() == empty
+    assert torch.equal(gg.get_total_norm(with_empty, p), gg.get_total_norm(ts, p))
 
 
 def test_rejects_integer_and_sparse_and_non_tensors():

@@ -17,13 +17,15 @@ References:
 from __future__ import annotations
 
 import math
+import types
+import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from gradguard import norms as _norms
-from gradguard._validation import check_threshold
+from gradguard._validation import check_clip_threshold, check_threshold
 from gradguard.norms import TensorOrTensors
 
 __all__ = [
@@ -39,6 +41,45 @@ __all__ = [
 # torch's guard against division by zero in clip_grad_norm_; kept identical so that the
 # results are bitwise equal to torch's on fp32.
 _NORM_EPS = 1e-6
+
+Threshold = float | Tensor
+"""A clipping threshold: a Python number, or a one-element tensor that stays on its device."""
+
+
+def _on(limit: Tensor, like: Tensor) -> Tensor:
+    """A tensor threshold in ``like``'s dtype and on its device (a copy only if needed)."""
+    return limit.to(device=like.device, dtype=like.dtype)
+
+
+def _coef_from_norms(limit: Threshold, norms: Tensor) -> Tensor:
+    """``min(1, limit / (norm + 1e-6))`` with torch's arithmetic; never amplifies, and a NaN
+    norm gives NaN, like torch.
+
+    torch computes ``max_norm / (norm + 1e-6)`` with a Python float, which is
+    ``Tensor.__rtruediv__``: ``reciprocal(norm + 1e-6) * max_norm``. A tensor threshold
+    follows the same two roundings (in the norm's dtype), so its result is bitwise torch's
+    for ``float(threshold)``, without reading it on the host.
+    """
+    if isinstance(limit, Tensor):
+        return torch.clamp((norms + _NORM_EPS).reciprocal() * _on(limit, norms), max=1.0)
+    return torch.clamp(limit / (norms + _NORM_EPS), max=1.0)
+
+
+def _warn_if_empty_generator(parameters: TensorOrTensors) -> TensorOrTensors:
+    """torch's warning for an exhausted ``model.parameters()``; returns the parameters as
+    a list when they came as a generator (so that the warning does not consume them)."""
+    if not isinstance(parameters, types.GeneratorType):
+        return parameters
+    parameters = list(parameters)
+    if not parameters:
+        # stacklevel 4: this helper, clip_grad_norm_ and torch.no_grad's wrapper lie
+        # between the warning and the caller's line (torch: 3, without the helper), so
+        # the warning points at the caller's line, as torch's does.
+        warnings.warn(
+            "`parameters` is an empty generator, no gradient clipping will occur.",
+            stacklevel=4,
+        )
+    return parameters
 
 
 def scale_grads_(
@@ -59,30 +100,35 @@ def scale_grads_(
     _norms.TensorGroups(grads).mul_(coef, foreach)
 
 
+@torch.no_grad()
 def clip_grads_with_norm_(
     parameters: TensorOrTensors,
-    max_norm: float,
+    max_norm: Threshold,
     total_norm: Tensor,
     foreach: bool | None = None,
 ) -> Tensor:
     """Scale gradients given a pre-computed total norm (torch's ``clip_grads_with_norm_``).
 
-    ``grad *= min(max_norm / (total_norm + 1e-6), 1)``, computed on the device.
+    ``grad *= min(max_norm / (total_norm + 1e-6), 1)``, computed on the device, bitwise as
+    torch computes it.
 
     Args:
         parameters: a Tensor, an iterable of Tensors, or ``model.parameters()``.
-        max_norm: the largest allowed total norm (finite, ``>= 0``).
+        max_norm: the largest allowed total norm: a number ``>= 0`` (``inf``: no clipping),
+            or a one-element tensor, used on its device without a host read (and, like
+            torch, without a check of its value).
         total_norm: the total norm of the gradients, e.g. from :func:`gradguard.get_total_norm`.
         foreach: use foreach kernels (``None``: where supported).
 
     Returns:
-        The clamped coefficient that was applied (a 0-d tensor on ``total_norm``'s device).
+        The clamped coefficient that was applied (a 0-d tensor on ``total_norm``'s device;
+        torch returns ``None``).
     """
-    max_norm = check_threshold(max_norm, "max_norm")
+    limit = check_clip_threshold(max_norm, "max_norm")
     if not isinstance(total_norm, torch.Tensor):
         raise TypeError(f"total_norm must be a Tensor (e.g. from get_total_norm), got "
                         f"{total_norm!r}")
-    coef = torch.clamp(max_norm / (total_norm + _NORM_EPS), max=1.0)
+    coef = _coef_from_norms(limit, total_norm)
     _norms.grad_groups(parameters).mul_(coef, foreach)
     return coef
 
@@ -90,7 +136,7 @@ def clip_grads_with_norm_(
 @torch.no_grad()
 def clip_grad_norm_(
     parameters: TensorOrTensors,
-    max_norm: float,
+    max_norm: Threshold,
     norm_type: float = 2.0,
     error_if_nonfinite: bool = False,
     foreach: bool | None = None,
@@ -99,24 +145,29 @@ def clip_grad_norm_(
 ) -> Tensor:
     """Clip the total gradient norm in place: a drop-in for ``torch.nn.utils.clip_grad_norm_``.
 
-    Same signature, same rule (``grad *= min(max_norm / (norm + 1e-6), 1)``) and the same
-    return value (the total norm before clipping). On fp32 the results are equal to
-    torch's. Differences, all fixes:
+    Same signature, same rule (``grad *= min(max_norm / (norm + 1e-6), 1)``), the same
+    return value (the total norm before clipping), every norm order torch accepts, and
+    torch's warning for an empty generator. On fp32 and fp64 the results are bitwise
+    torch's. Differences, all deliberate (the README's "Differences from torch"):
 
     * fp16/bf16 gradients are accumulated in fp32 and the norm is returned in fp32, so
       finite fp16 gradients never give an ``inf`` norm (torch returns ``inf`` in fp16 once
       the norm passes 65,504, and then zeroes every gradient); bf16 overflows only past
       fp32's range.
+    * A tensor ``max_norm`` stays on its device (torch reads it with ``float()``, a host
+      sync).
     * On CPU nothing is multiplied when nothing is clipped.
     * DTensor (FSDP2) gradients give the norm of the full gradient as a plain tensor.
     * ``process_group`` reduces the norm over ranks holding disjoint parameters.
-    * ``max_norm`` is validated: negative, NaN or infinite values raise ``ValueError``
-      (use :func:`gradguard.get_total_norm` to only measure the norm).
+    * A number ``max_norm`` is validated: negative or NaN values raise ``ValueError``.
 
     Args:
         parameters: a Tensor, an iterable of Tensors, or ``model.parameters()``.
-        max_norm: the largest allowed total norm (finite, ``>= 0``).
-        norm_type: the order p of the norm (``inf`` for max-abs).
+        max_norm: the largest allowed total norm: a number ``>= 0`` (``inf``: no clipping),
+            or a one-element tensor, used on its device without a host read (and, like
+            torch, without a check of its value).
+        norm_type: the order p of the norm: ``inf`` (max-abs), ``-inf`` (min-abs), ``0``,
+            negative orders, as in torch.
         error_if_nonfinite: raise ``RuntimeError`` if the norm is NaN/inf. Reading the
             norm costs one device synchronisation.
         foreach: use foreach kernels (``None``: where supported).
@@ -132,45 +183,43 @@ def clip_grad_norm_(
         >>> model(torch.randn(8, 4)).pow(2).sum().backward()
         >>> norm = gg.clip_grad_norm_(model.parameters(), max_norm=1.0)
     """
-    max_norm = check_threshold(max_norm, "max_norm")
-    p = _norms.validate_norm_type(norm_type)
-    groups = _norms.grad_groups(parameters)
-    if not groups.tensors:
+    limit = check_clip_threshold(max_norm, "max_norm")
+    p = _norms.validate_norm_type(norm_type, torch_compatible=True)
+    groups = _norms.grad_groups(_warn_if_empty_generator(parameters))
+    if not groups.tensors and process_group is None:  # a rank must still join the collective
         return torch.tensor(0.0)
-    total = _norms.total_norm(groups.norms(p, foreach), p, process_group=process_group)
+    total = groups.total_norm(p, foreach, process_group=process_group)
     if error_if_nonfinite:
         _norms.raise_if_nonfinite(total, p)
-    groups.mul_(torch.clamp(max_norm / (total + _NORM_EPS), max=1.0), foreach)
+    groups.mul_(_coef_from_norms(limit, total), foreach)
     return total
 
 
 @torch.no_grad()
 def clip_grad_value_(
-    parameters: TensorOrTensors, clip_value: float, foreach: bool | None = None
+    parameters: TensorOrTensors, clip_value: Threshold, foreach: bool | None = None
 ) -> None:
     """Clamp every gradient entry to ``[-clip_value, clip_value]`` in place.
 
-    A drop-in for ``torch.nn.utils.clip_grad_value_`` (returns ``None`` like it), with the
-    threshold validated. NaN entries stay NaN.
+    A drop-in for ``torch.nn.utils.clip_grad_value_`` (returns ``None`` like it, bitwise the
+    same gradients), with a number threshold validated. NaN entries stay NaN. Unlike
+    torch, an empty iterable is not an error.
 
     Args:
         parameters: a Tensor, an iterable of Tensors, or ``model.parameters()``.
-        clip_value: the largest allowed absolute value (finite, ``>= 0``).
+        clip_value: the largest allowed absolute value: a number ``>= 0`` (``inf``: no
+            clipping), or a one-element tensor, used on its device without a host read
+            (and, like torch, without a check of its value).
         foreach: use foreach kernels (``None``: where supported).
     """
-    clip_value = check_threshold(clip_value, "clip_value")
-    _norms.grad_groups(parameters).clamp_(clip_value, foreach)
-
-
-def _coef_from_norms(limit: Tensor | float, norms: Tensor) -> Tensor:
-    """``min(1, limit / (norm + 1e-6))``: never amplifies; a NaN norm gives NaN, like torch."""
-    return torch.clamp(limit / (norms + _NORM_EPS), max=1.0)
+    limit = check_clip_threshold(clip_value, "clip_value")
+    _norms.grad_groups(parameters).clamp_(limit, foreach)
 
 
 @torch.no_grad()
 def clip_grad_norm_per_tensor_(
     parameters: TensorOrTensors,
-    max_norm: float,
+    max_norm: Threshold,
     norm_type: float = 2.0,
     foreach: bool | None = None,
 ) -> Tensor:
@@ -180,8 +229,9 @@ def clip_grad_norm_per_tensor_(
 
     Args:
         parameters: a Tensor, an iterable of Tensors, or ``model.parameters()``.
-        max_norm: the largest allowed norm of each tensor (finite, ``>= 0``).
-        norm_type: the order p of the norm.
+        max_norm: the largest allowed norm of each tensor: a number ``>= 0`` (``inf``: no
+            clipping) or a one-element tensor, used on its device (value unchecked).
+        norm_type: the order p of the norm (every order torch accepts).
         foreach: use foreach kernels (``None``: where supported).
 
     Returns:
@@ -192,56 +242,102 @@ def clip_grad_norm_per_tensor_(
         optax ``clip_by_global_norm`` applied per leaf; You, Gitman & Ginsburg 2017, "Large
         Batch Training of Convolutional Networks" (LARS) motivates layer-wise treatment.
     """
-    max_norm = check_threshold(max_norm, "max_norm")
-    p = _norms.validate_norm_type(norm_type)
+    limit = check_clip_threshold(max_norm, "max_norm")
+    p = _norms.validate_norm_type(norm_type, torch_compatible=True)
     groups = _norms.grad_groups(parameters)
     if not groups.tensors:
         return torch.tensor(0.0)
     per_tensor = groups.norms(p, foreach)
-    groups.mul_(_coef_from_norms(max_norm, per_tensor), foreach)
+    groups.mul_(_coef_from_norms(limit, per_tensor), foreach)
     return _norms.total_norm(per_tensor, p)
 
 
 @torch.no_grad()
 def clip_grad_block_rms_(
-    parameters: TensorOrTensors, threshold: float, foreach: bool | None = None
+    parameters: TensorOrTensors, threshold: Threshold, foreach: bool | None = None
 ) -> Tensor:
     """Clip each gradient tensor's root-mean-square to ``threshold`` (optax ``clip_by_block_rms``).
 
-    ``g_i /= max(1, rms(g_i) / threshold)`` with ``rms(g) = ||g||_2 / sqrt(numel(g))``.
+    Exactly optax's arithmetic: ``g_i <- g_i / max(1, rms(g_i) / threshold)`` with
+    ``rms(g) = sqrt(mean(g * g))``, a division (not a multiply by the reciprocal), so fp32
+    and fp64 results are bitwise those of the same formula written in torch. Two
+    deliberate exceptions take the RMS from the norm engine, ``||g||_2 / sqrt(numel(g))``
+    (equal up to rounding): fp16/bf16 gradients, whose squares optax computes in their own
+    precision (an fp16 entry above 256 overflows, and the whole tensor is zeroed), are
+    accumulated in fp32; DTensor gradients get the RMS of the full tensor.
 
     Args:
         parameters: a Tensor, an iterable of Tensors, or ``model.parameters()``.
-        threshold: the largest allowed RMS of each tensor (finite, ``> 0``).
+        threshold: the largest allowed RMS of each tensor: a number ``> 0`` (``inf``: no
+            clipping), or a one-element tensor, used on its device (value unchecked).
         foreach: use foreach kernels (``None``: where supported).
 
     Returns:
-        The total L2 norm of the gradients before clipping.
+        The total L2 norm of the gradients before clipping (from the same sums of squares,
+        so equal to :func:`gradguard.get_total_norm` up to rounding).
 
     References:
-        optax ``optax.clip_by_block_rms``.
+        optax ``optax.clip_by_block_rms`` (``optax/transforms/_clipping.py``).
     """
-    threshold = check_threshold(threshold, "threshold", positive=True)
+    limit = check_clip_threshold(threshold, "threshold", positive=True)
     groups = _norms.grad_groups(parameters)
-    grads = groups.tensors
-    if not grads:
+    if not groups.tensors:
         return torch.tensor(0.0)
-    per_tensor = groups.norms(2.0, foreach)
-    # numel of a DTensor is the global size, as the RMS of the full tensor needs. The
-    # scalars travel as kernel arguments: no host->device copy.
-    rms = torch.stack(
-        torch._foreach_mul(
-            list(per_tensor.unbind(0)), [1.0 / math.sqrt(max(g.numel(), 1)) for g in grads]
-        )
-    )
-    groups.mul_(1.0 / torch.clamp(rms / threshold, min=1.0), foreach)
-    return _norms.total_norm(per_tensor, 2.0)
+    groups.writable()
+    local = groups.local
+    denoms: list[Tensor | None] = [None] * len(local)
+    squares: list[Tensor] = []  # sums of squares, one vector per bucket, for the total
+
+    def bucket(idx: list[int], rms: Tensor) -> None:
+        lim = _on(limit, rms) if isinstance(limit, Tensor) else limit
+        for i, d in zip(idx, torch.clamp(rms / lim, min=1.0).unbind(0), strict=True):
+            denoms[i] = d
+
+    engine = [i for i, t in enumerate(local)
+              if i in groups.shards or t.dtype in _norms._LOW_PRECISION]
+    if engine:
+        sub = [groups.tensors[i] for i in engine]
+        norms = _norms.TensorGroups(sub, validate=False).norms(2.0, foreach)
+        # numel of a DTensor is the global size, as the RMS of the full tensor needs. The
+        # scalars travel as kernel arguments: no host->device copy.
+        inv_sqrt_n = [1.0 / math.sqrt(max(t.numel(), 1)) for t in sub]
+        bucket(engine, torch.stack(torch._foreach_mul(list(norms.unbind(0)), inv_sqrt_n)))
+        squares.append(norms * norms)
+    exact = [i for i in range(len(local)) if denoms[i] is None]
+    buckets = _norms._group_by_device_and_dtype([local[i] for i in exact])
+    for (_, _), (group, pos) in buckets.items():
+        # optax: jnp.mean(abs_sq(u)); one temporary the size of the largest gradient
+        means = torch.stack([torch.mean(g * g) if g.numel() else g.new_zeros(()) for g in group])
+        bucket([exact[k] for k in pos], means.sqrt())
+        squares.append(torch.stack(
+            torch._foreach_mul(list(means.unbind(0)), [float(g.numel()) for g in group])))
+    _divide_(local, denoms, foreach)  # type: ignore[arg-type]
+    total_sq = torch.cat([sq.to(device=groups.device, dtype=groups.norm_dtype) for sq in squares])
+    return total_sq.sum().sqrt()
+
+
+def _divide_(tensors: list[Tensor], denoms: list[Tensor], foreach: bool | None) -> None:
+    """``tensors[i] /= denoms[i]`` (0-d, ``>= 1``); on CPU only where ``denoms[i] > 1``."""
+    pairs = list(zip(tensors, denoms, strict=True))
+    if all(t.device.type == "cpu" and d.device.type == "cpu" for t, d in pairs):
+        divide = torch.logical_not(torch.stack([d.double() for d in denoms]) <= 1).tolist()
+        pairs = [pair for pair, k in zip(pairs, divide, strict=True) if k]  # NaN divides
+    if not pairs:
+        return
+    grouped = _norms._group_by_device_and_dtype([t for t, _ in pairs])
+    for (device, _), (group, idx) in grouped.items():
+        ds = [pairs[i][1].to(device) for i in idx]
+        if _norms._foreach_ok(group, device, foreach):
+            torch._foreach_div_(group, ds)
+        else:
+            for g, d in zip(group, ds, strict=True):
+                g.div_(d)
 
 
 @torch.no_grad()
 def clip_grad_agc_(
     parameters: TensorOrTensors,
-    clipping: float = 0.01,
+    clipping: Threshold = 0.01,
     eps: float = 1e-3,
 ) -> Tensor:
     """Adaptive gradient clipping, unit-wise (NFNets).
@@ -263,7 +359,8 @@ def clip_grad_agc_(
         parameters: a Tensor, an iterable of Tensors, or ``model.parameters()``. Their
             values are read (the threshold is relative to the parameter norm).
         clipping: the largest allowed ratio ``||G_i|| / ||W_i||`` (``> 0``; the paper uses
-            0.01 for large batches, up to 0.16 for small ones).
+            0.01 for large batches, up to 0.16 for small ones), or a one-element tensor,
+            used on its device (value unchecked).
         eps: the floor on parameter norms, so zero-initialised weights can move (``>= 0``).
 
     Returns:
@@ -279,7 +376,7 @@ def clip_grad_agc_(
         >>> model(torch.randn(8, 4)).pow(2).sum().backward()
         >>> norm = gg.clip_grad_agc_(model.parameters(), clipping=0.01)
     """
-    clipping = check_threshold(clipping, "clipping", positive=True)
+    limit = check_clip_threshold(clipping, "clipping", positive=True)
     eps = check_threshold(eps, "eps")
     every = _norms.as_tensor_list(parameters)
     grads = _norms.get_grads(every)
@@ -293,10 +390,10 @@ def clip_grad_agc_(
     units = AgcUnits(g_local, g_groups.shards)
     g_norms = units.norms(g_local)
     w_norms = units.norms(w_local)
-    coefs = [
-        torch.where(gn > wn.clamp_min(eps) * clipping, wn.clamp_min(eps) * clipping / gn, 1.0)
-        for gn, wn in zip(g_norms, w_norms, strict=True)
-    ]
+    coefs = []
+    for gn, wn in zip(g_norms, w_norms, strict=True):
+        max_norm = wn.clamp_min(eps) * (_on(limit, wn) if isinstance(limit, Tensor) else limit)
+        coefs.append(torch.where(gn > max_norm, max_norm / gn, 1.0))
     units.mul_(g_local, coefs)
     return units.total(g_norms, g_groups.device)
 

@@ -173,25 +173,40 @@ def grad_groups(parameters: TensorOrTensors, name: str = "parameters") -> Tensor
     return TensorGroups(grads, validate=False)
 
 
-def validate_norm_type(norm_type: object) -> float:
-    """Check a norm order: a real number > 0, or ``inf``.
+def validate_norm_type(norm_type: object, *, torch_compatible: bool = False) -> float:
+    """Check a norm order.
+
+    By default a real number > 0, or ``inf`` (what the Guard and AGC need). With
+    ``torch_compatible`` every order ``torch.linalg.vector_norm`` accepts: also ``0`` (the
+    number of non-zero entries), negative orders and ``-inf`` (the smallest absolute
+    value), as torch's ``clip_grad_norm_`` and ``get_total_norm`` do.
 
     Args:
-        norm_type: the order ``p`` of the p-norm (``'inf'`` accepted, as torch does).
+        norm_type: the order ``p`` of the p-norm. Strings are read with ``float()``, as
+            torch does (``'inf'``, ``'-inf'``).
+        torch_compatible: accept ``p <= 0`` and ``-inf`` as well.
 
     Returns:
         ``norm_type`` as a float.
 
     Raises:
-        TypeError: if it is not a number.
-        ValueError: if it is NaN, not positive, or ``-inf``.
+        TypeError: if it is not a number (bools and tensors included: the order selects
+            the kernel, so it must be known on the host).
+        ValueError: if it is NaN; without ``torch_compatible``, also if it is not > 0.
     """
-    if isinstance(norm_type, str) and norm_type.lower() == "inf":
-        return math.inf
-    if isinstance(norm_type, bool) or not isinstance(norm_type, numbers.Real):
+    p: float | None = None
+    if isinstance(norm_type, str):
+        try:
+            p = float(norm_type)
+        except ValueError:
+            p = None
+    elif not isinstance(norm_type, bool) and isinstance(norm_type, numbers.Real):
+        p = float(norm_type)
+    if p is None:
         raise TypeError(f"norm_type must be a number or 'inf', got {norm_type!r}")
-    p = float(norm_type)
-    if math.isnan(p) or p <= 0:
+    if math.isnan(p):
+        raise ValueError(f"norm_type must not be NaN, got {norm_type!r}")
+    if not torch_compatible and p <= 0:
         raise ValueError(f"norm_type must be > 0 or inf, got {norm_type!r}")
     return p
 
@@ -248,17 +263,24 @@ def _norm_dtype(dtypes: Iterable[torch.dtype]) -> torch.dtype:
     return torch.float64 if torch.float64 in set(dtypes) else torch.float32
 
 
+def _empty_norm(p: float) -> float:
+    """The p-norm of an empty tensor, as the identity of the reduction over tensors."""
+    return math.inf if p < 0 else 0.0
+
+
 def _group_norms(
     group: list[Tensor], p: float, foreach: bool | None, device: torch.device, dtype: torch.dtype,
     types_ok: bool | None = None,
 ) -> list[Tensor]:
-    if math.isinf(p) and any(t.numel() == 0 for t in group):
-        # max has no identity, so torch refuses the inf-norm of an empty tensor (an uneven
-        # FSDP2 split leaves some ranks empty shards); their norm is 0.
+    if (math.isinf(p) or p < 0) and any(t.numel() == 0 for t in group):
+        # max, min and sum |x|^p for p < 0 have no identity on an empty tensor, so torch
+        # refuses these norms of empty tensors (an uneven FSDP2 split leaves some ranks
+        # empty shards). An empty tensor must not change the total: its norm is 0 for
+        # inf, and +inf for p < 0 (min(+inf, x) = x, (+inf)^p = 0).
         keep = [t for t in group if t.numel()]
         it = iter(_group_norms(keep, p, foreach, device, dtype, types_ok) if keep else [])
-        zero = torch.zeros((), device=device, dtype=_accum_dtype(dtype) or dtype)
-        return [next(it) if t.numel() else zero for t in group]
+        fill = torch.full((), _empty_norm(p), device=device, dtype=_accum_dtype(dtype) or dtype)
+        return [next(it) if t.numel() else fill for t in group]
     acc = _accum_dtype(dtype)
     if _foreach_ok(group, device, foreach, types_ok):
         if acc is None:
@@ -323,8 +345,13 @@ def _localize(tensors: list[Tensor]) -> tuple[list[Tensor], dict[int, _ShardInfo
     return local, shards
 
 
+# How norms of disjoint parts combine: ``root(reduce(power(parts)))``. For p = 0 the
+# "norm" is a count of non-zero entries, which simply adds up; inf takes the max, -inf the
+# min; every other p sums the p-th powers (negative p included: (+inf)^p = 0 adds nothing).
+
+
 def _power(norms: Tensor, p: float) -> Tensor:
-    if math.isinf(p) or p == 1.0:
+    if math.isinf(p) or p in (0.0, 1.0):
         return norms
     if p == 2.0:
         return norms * norms
@@ -332,7 +359,7 @@ def _power(norms: Tensor, p: float) -> Tensor:
 
 
 def _root(powers: Tensor, p: float) -> Tensor:
-    if math.isinf(p) or p == 1.0:
+    if math.isinf(p) or p in (0.0, 1.0):
         return powers
     if p == 2.0:
         return powers.sqrt()
@@ -342,8 +369,8 @@ def _root(powers: Tensor, p: float) -> Tensor:
 def _all_reduce(t: Tensor, p: float, group: object) -> None:
     import torch.distributed as dist
 
-    op = dist.ReduceOp.MAX if math.isinf(p) else dist.ReduceOp.SUM
-    dist.all_reduce(t, op=op, group=group)
+    ops = {math.inf: dist.ReduceOp.MAX, -math.inf: dist.ReduceOp.MIN}
+    dist.all_reduce(t, op=ops.get(p, dist.ReduceOp.SUM), group=group)
 
 
 def _reduce_shard_norms(norms: Tensor, shards: dict[int, _ShardInfo], p: float) -> Tensor:
@@ -426,6 +453,16 @@ class TensorGroups:
     def __len__(self) -> int:
         return len(self.tensors)
 
+    def _group_parts(self, p: float, foreach: bool | None) -> list[tuple[Tensor, list[int]]]:
+        """Per (device, dtype) group, in the grouping's order: the stacked norms (on
+        :attr:`device`, in :attr:`norm_dtype`) and the group's input indices."""
+        parts = []
+        for (dev, dtype), (group, idx) in self.groups.items():
+            # One stack and one transfer per group.
+            stacked = torch.stack(_group_norms(group, p, foreach, dev, dtype, self._types_ok))
+            parts.append((stacked.to(device=self.device, dtype=self.norm_dtype), idx))
+        return parts
+
     def norms(
         self, norm_type: float, foreach: bool | None = None, *, reduce: bool = True
     ) -> Tensor:
@@ -440,22 +477,42 @@ class TensorGroups:
         p = norm_type
         if not self.local:
             return torch.zeros(0)
-        if len(self.groups) == 1:
-            ((dev, dtype), (group, _)) = next(iter(self.groups.items()))
-            norms = torch.stack(_group_norms(group, p, foreach, dev, dtype, self._types_ok))
-            norms = norms.to(device=self.device, dtype=self.norm_dtype)
+        parts = self._group_parts(p, foreach)
+        if len(parts) == 1:
+            norms = parts[0][0]
         else:
             ordered: list[Tensor | None] = [None] * len(self.local)
-            for (dev, dtype), (group, idx) in self.groups.items():
-                # One stack and one transfer per group, then views for reordering.
-                stacked = torch.stack(_group_norms(group, p, foreach, dev, dtype, self._types_ok))
-                stacked = stacked.to(device=self.device, dtype=self.norm_dtype)
+            for stacked, idx in parts:  # views for reordering: no index tensor to copy
                 for i, n in zip(idx, stacked.unbind(0), strict=True):
                     ordered[i] = n
             norms = torch.stack(ordered)  # type: ignore[arg-type]
         if self.shards and reduce:
             norms = _reduce_shard_norms(norms, self.shards, p)
         return norms
+
+    def total_norm(
+        self, norm_type: float, foreach: bool | None = None, *,
+        process_group: object | None = None,
+    ) -> Tensor:
+        """The norm of all tensors viewed as one vector, computed as torch computes it.
+
+        torch takes the p-norm of the per-tensor norms in the order of its (device, dtype)
+        grouping, not in input order; with several groups the two orders round differently
+        (p = 2 aside), so the same order is used here: the total is bitwise torch's.
+
+        Args:
+            norm_type: the order p.
+            foreach: use foreach kernels (``None``: where supported).
+            process_group: reduce the total over this group (see :func:`total_norm`).
+        """
+        p = norm_type
+        if not self.local:
+            return total_norm(torch.zeros(0), p, process_group=process_group)
+        if self.shards:  # full-tensor norms need the input order for their reduction
+            return total_norm(self.norms(p, foreach), p, process_group=process_group)
+        parts = self._group_parts(p, foreach)
+        vec = parts[0][0] if len(parts) == 1 else torch.cat([stacked for stacked, _ in parts])
+        return total_norm(vec, p, process_group=process_group)
 
     def writable(self) -> None:
         """Raise unless in-place updates of :attr:`local` reach the tensors themselves."""
@@ -498,16 +555,33 @@ class TensorGroups:
                 return
         _mul_list_(self.local, coefs, foreach)
 
-    def clamp_(self, value: float, foreach: bool | None = None) -> None:
-        """Clamp every entry to ``[-value, value]`` in place."""
+    def clamp_(self, value: float | Tensor, foreach: bool | None = None) -> None:
+        """Clamp every entry to ``[-value, value]`` in place, with torch's kernels.
+
+        ``value`` may be a 0-d tensor: it is used on the device (the foreach clamps take a
+        tensor only as one bound per tensor; a scalar would be read on the host).
+        """
         self.writable()
-        for (device, _), (group, _) in self.groups.items():
+        for (device, dtype), (group, _) in self.groups.items():
+            if isinstance(value, Tensor):
+                hi: float | Tensor = value.to(device=device, dtype=dtype)
+                lo: float | Tensor = -hi
+            else:
+                # Past the dtype's largest value every entry is inside the bounds; torch
+                # raises instead ("value cannot be converted to type c10::Half without
+                # overflow"). A tensor bound past the range becomes inf in the cast.
+                hi = math.inf if value > torch.finfo(dtype).max else value
+                lo = -hi
             if _foreach_ok(group, device, foreach, self._types_ok):
-                torch._foreach_clamp_min_(group, -value)
-                torch._foreach_clamp_max_(group, value)
+                if isinstance(hi, Tensor):
+                    torch._foreach_clamp_min_(group, [lo] * len(group))
+                    torch._foreach_clamp_max_(group, [hi] * len(group))
+                else:
+                    torch._foreach_clamp_min_(group, lo)
+                    torch._foreach_clamp_max_(group, hi)
             else:
                 for g in group:
-                    g.clamp_(min=-value, max=value)
+                    g.clamp_(min=lo, max=hi)
 
 
 def _mul_list_(tensors: list[Tensor], coefs: list[Tensor], foreach: bool | None) -> None:
@@ -541,7 +615,10 @@ def tensor_norms(
 
     Args:
         tensors: a Tensor or an iterable of Tensors (e.g. gradients).
-        norm_type: the order p (``inf`` for the max-abs norm).
+        norm_type: the order p, any order ``torch.linalg.vector_norm`` takes: ``inf``
+            (max-abs), ``-inf`` (min-abs), ``0`` (number of non-zero entries), negative.
+            An empty tensor's norm is 0, or ``+inf`` for p < 0 (it changes no total;
+            torch raises for inf and p < 0).
         foreach: use ``torch._foreach_norm`` (``None``: where supported).
 
     Returns:
@@ -553,7 +630,7 @@ def tensor_norms(
         >>> gg.tensor_norms([torch.ones(4), torch.full((2,), 3.0)])
         tensor([2.0000, 4.2426])
     """
-    p = validate_norm_type(norm_type)
+    p = validate_norm_type(norm_type, torch_compatible=True)
     return TensorGroups(as_tensor_list(tensors, "tensors")).norms(p, foreach)
 
 
@@ -573,7 +650,7 @@ def total_norm(
     Returns:
         A 0-d tensor on ``norms``' device.
     """
-    p = validate_norm_type(norm_type)
+    p = validate_norm_type(norm_type, torch_compatible=True)
     if norms.numel() == 0:
         total = torch.zeros((), dtype=norms.dtype, device=norms.device)
     else:
@@ -601,7 +678,7 @@ def grad_norms(
     Returns:
         ``(grads, norms)``: the non-``None`` gradients and a vector of their norms.
     """
-    p = validate_norm_type(norm_type)
+    p = validate_norm_type(norm_type, torch_compatible=True)
     grads = get_grads(parameters)
     with torch.no_grad():
         return grads, TensorGroups(grads).norms(p, foreach)
@@ -624,7 +701,9 @@ def get_total_norm(
 
     Args:
         tensors: a Tensor or an iterable of Tensors (e.g. ``[p.grad for p in ...]``).
-        norm_type: the order p (``inf`` for the max-abs norm).
+        norm_type: the order p, any order torch takes (see :func:`tensor_norms`). As in
+            torch, the total is the p-norm of the per-tensor norms; for p = 0 that is the
+            number of tensors with a non-zero entry.
         error_if_nonfinite: raise if the norm is NaN or infinite. This reads the norm on
             the host: one device synchronisation.
         foreach: use the foreach kernels (``None``: where supported).
@@ -636,9 +715,9 @@ def get_total_norm(
     Raises:
         RuntimeError: if ``error_if_nonfinite`` and the norm is not finite.
     """
-    total = total_norm(
-        tensor_norms(tensors, norm_type, foreach=foreach), norm_type, process_group=process_group
-    )
+    p = validate_norm_type(norm_type, torch_compatible=True)
+    groups = TensorGroups(as_tensor_list(tensors, "tensors"))
+    total = groups.total_norm(p, foreach, process_group=process_group)
     if error_if_nonfinite:
         raise_if_nonfinite(total, norm_type)
     return total
