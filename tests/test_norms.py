@@ -122,6 +122,13 @@ def test_strict_norm_type_rejects_what_only_torch_functions_accept(p):
     assert norms.validate_norm_type(p, torch_compatible=True) == p
 
 
+def test_guard_keeps_rejecting_non_positive_norm_types():
+    params = [torch.nn.Parameter(torch.ones(2))]
+    for p in (0, -1.0, -math.inf):
+        with pytest.raises(ValueError, match="norm_type must be > 0"):
+            gg.Guard(params, clip=1.0, norm_type=p, sinks=[])
+
+
 @pytest.mark.parametrize(("text", "p"), [("inf", math.inf), ("-inf", -math.inf), ("2", 2.0)])
 def test_norm_type_strings_like_torch(text, p):
     x = [torch.tensor([3.0, -4.0])]

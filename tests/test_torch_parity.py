@@ -646,6 +646,14 @@ def test_difference_dtensor_gives_a_plain_tensor_and_process_group(single_proces
     assert torch.equal(n1, n2.full_tensor())
     for a, b in zip(ours, theirs, strict=True):
         assert torch.equal(a.grad.full_tensor(), b.grad.full_tensor())
+    # a Partial gradient (a pending cross-rank sum) is measured, not clipped in place
+    from torch.distributed.tensor import Partial
+
+    w = torch.nn.Parameter(distribute_tensor(torch.ones(4), mesh, [Shard(0)]))
+    w.grad = DTensor.from_local(torch.full((4,), 10.0), mesh, [Partial()])
+    assert gg.get_total_norm([w.grad]).item() == pytest.approx(20.0)
+    with pytest.raises(TypeError, match="Partial"):
+        gg.clip_grad_norm_([w], 1.0)
     # process_group: the total over ranks holding disjoint parameters (here one rank)
     grads = [p.grad for p in full]
     assert torch.equal(gg.get_total_norm(grads, process_group=dist.group.WORLD),

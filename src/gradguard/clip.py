@@ -6,6 +6,8 @@ skips parameters whose ``.grad`` is ``None``, gets its norms from :mod:`gradguar
 foreach kernels. Coefficients stay on the device; on accelerators gradients are always
 multiplied by the clamped coefficient (a branch would need a device->host read). On CPU
 the read is free, so the multiply is skipped for the tensors that are not clipped.
+Thresholds are Python numbers (validated) or, as in torch, one-element tensors, which stay
+on their device (torch reads them with ``float()``, a host sync).
 
 References:
     Pascanu, Mikolov & Bengio 2013, "On the difficulty of training recurrent neural
