@@ -12,9 +12,11 @@ import argparse
 import os
 import sys
 
+from gradguard._paths import output_dir
 from gradguard.bench import methods as _methods
 from gradguard.bench import tasks as _tasks
 from gradguard.bench.runner import DEFAULT_LRS, GridConfig, run_grid
+from gradguard.cli import CLIError, missing_extra, positive_int
 
 
 def _csv(text: str) -> list[str]:
@@ -65,56 +67,81 @@ def cli_arguments(parser: argparse.ArgumentParser) -> None:
     tasks = ", ".join(_tasks.TASKS)
     methods = ", ".join(sorted([*_methods.METHODS, *_methods.META_METHODS]))
     parser.add_argument("--tasks", default="all",
-                        help=f"comma-separated task specs or 'all' (default). Tasks: {tasks}; "
-                        "spike-injection[:x100|nan|clean]")
+                        help=f"comma-separated task specs or 'all'. Tasks: {tasks}; "
+                        "spike-injection[:x100|nan|clean] (default: %(default)s)")
     parser.add_argument("--methods", default="default",
                         help="comma-separated method specs, e.g. none,clip:1,tuned,value:1,"
-                        f"agc:0.01; 'default' = none,tuned,value,agc,peer-*. Methods: {methods}")
+                        f"agc:0.01; 'default' = none,tuned,value,agc,peer-*. Methods: {methods} "
+                        "(default: %(default)s)")
     parser.add_argument("--seeds", default="3",
-                        help="a count (3 = seeds 0,1,2) or a comma list (default 3)")
+                        help="a count (3 = seeds 0,1,2) or a comma list (default: %(default)s)")
     parser.add_argument("--lrs", default=",".join(f"{x:g}" for x in DEFAULT_LRS),
-                        help="comma-separated learning-rate grid (default %(default)s)")
-    parser.add_argument("--steps", type=int, default=None,
+                        help="comma-separated learning-rate grid (default: %(default)s)")
+    parser.add_argument("--steps", type=positive_int, default=None,
                         help="training steps per run (default: each task's, 300)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="worker processes, one torch thread each (default: CPU count)")
+    parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
+                        help="worker processes, one torch thread each (default: the CPU "
+                        "count, %(default)s here)")
     parser.add_argument("--out", default="bench-out", metavar="DIR",
-                        help="output directory for runs.jsonl, results.json, table.md")
+                        help="output directory for runs.jsonl, results.json, table.md "
+                        "(default: %(default)s)")
     parser.add_argument("--full-traces", default="", metavar="METHODS",
                         help="comma-separated methods whose runs keep every step's loss and "
-                        "gradient norm in results.json")
+                        "gradient norm in results.json (default: none)")
     parser.add_argument("--resume", action="store_true",
-                        help="reuse the runs already in DIR/runs.jsonl")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+                        help="reuse the runs already in DIR/runs.jsonl (default: off)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress reports (default: progress on stderr)")
+
+
+def _config(args: argparse.Namespace) -> GridConfig:
+    """The grid the arguments ask for, validated.
+
+    Raises:
+        ValueError: naming the option and the value.
+    """
+    config = GridConfig(
+        tasks=_csv(args.tasks),
+        methods=_csv(args.methods),
+        lrs=parse_lrs(args.lrs),
+        seeds=parse_seeds(args.seeds),
+        steps=args.steps,
+        workers=args.workers,
+        full_trace_methods=_csv(args.full_traces),
+    )
+    config.validate()
+    _tasks.expand_task_specs(config.tasks)
+    _methods.expand_method_specs(config.methods)
+    try:
+        _methods.expand_method_specs(config.full_trace_methods)
+    except ValueError as e:
+        raise ValueError(f"--full-traces: {e}") from None
+    return config
+
+
+def _load_task_data(config: GridConfig) -> None:
+    """Each task's data, once, in this process: a missing optional dependency (scikit-learn
+    for the digits tasks) is refused here, before the first run, not in a worker."""
+    for spec in _tasks.expand_task_specs(config.tasks):
+        try:
+            _tasks.get_task(spec).data()
+        except ImportError as e:
+            raise missing_extra(e, f"the task {spec}") from None
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    """Run the grid; 0 on success, 1 if some runs raised, 2 for bad arguments."""
+    """Run the grid; 0 on success, 1 if some runs raised.
+
+    Raises:
+        CLIError: for bad arguments, an output directory that cannot be written or a
+            missing optional dependency, before any run.
+    """
     try:
-        config = GridConfig(
-            tasks=_csv(args.tasks),
-            methods=_csv(args.methods),
-            lrs=parse_lrs(args.lrs),
-            seeds=parse_seeds(args.seeds),
-            steps=args.steps,
-            workers=args.workers,
-            full_trace_methods=_csv(args.full_traces),
-        )
-        if args.steps is not None and args.steps < 1:
-            raise ValueError(f"--steps must be >= 1, got {args.steps}")
-        if args.workers < 1:
-            raise ValueError(f"--workers must be >= 1, got {args.workers}")
-        config.validate()
-        _tasks.expand_task_specs(config.tasks)
-        _methods.expand_method_specs(config.methods)
-        try:
-            _methods.expand_method_specs(config.full_trace_methods)
-        except ValueError as e:
-            raise ValueError(f"--full-traces: {e}") from None
-    except ValueError as e:
-        print(f"gradguard bench: error: {e}", file=sys.stderr)
-        return 2
-    results = run_grid(config, args.out, progress=not args.no_progress, resume=args.resume)
-    print(f"wrote {os.path.join(args.out, 'results.json')} and "
-          f"{os.path.join(args.out, 'table.md')}", file=sys.stderr)
+        config = _config(args)
+        out = output_dir(args.out, name="--out")
+    except (TypeError, ValueError) as e:
+        raise CLIError(str(e)) from None
+    _load_task_data(config)
+    results = run_grid(config, out, progress=not args.no_progress, resume=args.resume)
+    print(f"wrote {out / 'results.json'} and {out / 'table.md'}", file=sys.stderr)
     return 1 if results["errors"] else 0

@@ -72,25 +72,43 @@ def cli_arguments(parser: argparse.ArgumentParser) -> None:
         "bench output directory, or its runs.jsonl",
     )
     parser.add_argument(
-        "-o", "--output", default=None,
-        help="the HTML file to write (default: INPUT with the suffix .html; report.html "
-        "inside a directory)",
+        "-o", "--output", default=None, metavar="OUT.html|DIR",
+        help="the HTML file to write, or a directory to write report.html in (default: "
+        "INPUT with the suffix .html; report.html inside an INPUT directory)",
     )
-    parser.add_argument("--title", default=None, help="the page title")
+    parser.add_argument("--title", default=None,
+                        help="the page title (default: from the input's file name)")
     parser.add_argument(
         "--diagnosis", action="append", default=None, metavar="LINE",
-        help="a line shown prominently at the top of a run report (repeatable)",
+        help="a line shown prominently at the top of a run report (repeatable; default: "
+        "none)",
     )
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    """Write the report; print its path. Returns 0, or 2 on bad input."""
+    """Write the report; print its path. Returns 0.
+
+    Raises:
+        CLIError: for an input that is not a Guard log or benchmark results, an output
+            that cannot be written, or a missing matplotlib.
+    """
+    from gradguard._paths import output_file
+    from gradguard.cli import CLIError, require_extra
+
     src = Path(args.input)
-    out = Path(args.output) if args.output else _default_output(src)
     try:
         kind = detect_kind(src)
+        if args.output:
+            out = output_file(args.output, name="-o/--output", default_name="report.html")
+        else:
+            out = output_file(_default_output(src), name="the output (give -o/--output)")
         if out.resolve() == src.resolve():
-            raise ValueError(f"the output {str(out)!r} would overwrite the input")
+            raise ValueError(f"the output {str(out)!r} would overwrite the input; give "
+                             "-o/--output")
+    except (ValueError, TypeError, OSError) as e:
+        raise CLIError(str(e)) from None
+    require_extra("matplotlib", "numpy", purpose="the HTML report")
+    try:
         if kind == "run":
             from gradguard.report.run import write_run_report
 
@@ -102,8 +120,7 @@ def cli_main(args: argparse.Namespace) -> int:
                 print("gradguard report: --diagnosis applies to run reports; ignored",
                       file=sys.stderr)
             path = write_bench_report(src, out, title=args.title)
-    except (ValueError, OSError, ImportError) as e:
-        print(f"gradguard report: error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as e:  # the input is read (and judged) while rendering
+        raise CLIError(str(e)) from None
     print(path)
     return 0
