@@ -572,3 +572,77 @@ def test_close_flushes_pending_rows():
         mon.observe(step, _fields(1.0), torch.ones(1))
     mon.close()
     assert seen == ["meta", "record"] and mon.totals["steps"] == 5
+
+
+# ----- high_clip_rate advice: it must fit the policy it speaks about ---------------------
+
+_POLICY_REPRS = {  # what the Guard writes in meta["policy"] (repr of the policy)
+    "fixed": "Fixed(max_norm=1.0)",
+    "auto": "Auto(rho=0.002, spike_factor=5.0, beta=0.98, warmup_steps=20, "
+            "param_norm_every=100)",
+    "zclip": "ZClip(alpha=0.97, z_thresh=2.5, warmup_steps=25, max_norm=None)",
+    "autoclip": "AutoClip(percentile=10.0, window=1000)",
+    "adagc": "AdaGC(rel=1.05, beta=0.98, warmup_steps=100, max_norm=1.0)",
+    "agc": "AGC(clipping=0.01, eps=0.001)",
+}
+
+
+def _clip_rate_message(**kwargs) -> str:
+    mon = Monitor(["a", "b"], log_every=20, **kwargs)
+    for step in range(20):
+        mon.observe(step, _fields(5.0, 1.0, 1.0, 0.2, clipped=1), torch.tensor([4.0, 3.0]))
+    (event,) = [e for e in mon.events if e.kind == "high_clip_rate"]
+    assert event.data["policy"] == mon.policy
+    return event.message
+
+
+@pytest.mark.parametrize("name", sorted(_POLICY_REPRS))
+def test_high_clip_rate_advice_fits_the_policy(name):
+    from gradguard.monitor import CLIP_RATE_ADVICE
+    from gradguard.thresholds import POLICIES, Fixed
+
+    message = _clip_rate_message(meta={"policy": _POLICY_REPRS[name]})
+    assert message.startswith("100% of steps 0-19 were clipped (alarm above 50%; last clip "
+                              "threshold 1)")
+    assert message.endswith(CLIP_RATE_ADVICE[name])
+    policy = Fixed(1.0) if name == "fixed" else POLICIES[name]()
+    assert _clip_rate_message(policy=policy) == message  # the object itself, or its name
+    assert _clip_rate_message(policy=name) == message
+    if name == "fixed":
+        assert "raise the threshold" in message and "clip='auto'" in message
+    else:  # an adaptive policy: never "use an adaptive one"
+        assert "adaptive" not in message and "raise the threshold" not in message
+    expected = {"auto": "trust cap", "autoclip": "by design", "adagc": "any tensor",
+                "agc": "any unit", "zclip": "rising faster", "fixed": "too tight"}[name]
+    assert expected in message
+
+
+def test_high_clip_rate_advice_without_a_known_policy():
+    from gradguard.monitor import CLIP_RATE_ADVICE, policy_name
+
+    generic = CLIP_RATE_ADVICE[None]
+    assert _clip_rate_message().endswith(generic)
+    assert _clip_rate_message(meta={"policy": "MyPolicy(x=1)"}).endswith(generic)
+    assert policy_name("fixed:0.5") == "fixed" and policy_name(" Auto()") == "auto"
+    assert policy_name(None) is None and policy_name(3) is None and policy_name("") is None
+
+
+@pytest.mark.parametrize("clip, expected", [("auto", "trust cap"), (1e-6, "too tight")])
+def test_guard_events_advise_for_their_own_policy(clip, expected):
+    import gradguard as gg
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 1))
+    # lr 1 with momentum 0.9: auto's trust cap (rho |theta| / 10) binds on every step
+    opt = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9)
+    guard = gg.Guard(model, clip=clip, log_every=10)
+    guard.attach(opt)
+    for _ in range(10):
+        opt.zero_grad()
+        model(torch.randn(32, 16)).square().mean().backward()
+        opt.step()
+    (event,) = [e for e in guard.events if e.kind == "high_clip_rate"]
+    assert expected in event.message
+    assert "adaptive" not in event.message or clip != "auto"
+    guard.close()

@@ -61,8 +61,10 @@ Detectors (all on the host, at flush; thresholds are constructor arguments):
     the threshold is too tight or the learning rate too high (heavy clipping silently
     turns the learning rate down). Emitted when the rate crosses the threshold and
     re-armed once an interval falls below half of it, so a run that clips steadily gets
-    one event, not one per interval. Disable it (None) for policies that clip most steps
-    by design (e.g. a low-percentile AutoClip).
+    one event, not one per interval. Its advice depends on the clip policy (``policy``):
+    for a fixed threshold, raise it or let it adapt; for ``"auto"``, the trust cap binds
+    at this learning rate (expected when it is high); AutoClip, AdaGC and AGC clip most
+    steps by design. Disable it (None) for policies that clip most steps by design.
 
 The interval detectors (vanishing, high_clip_rate) need at least ``min_interval_steps``
 (10, or ``log_every`` if smaller) finite steps in the interval, so that an explicit
@@ -78,6 +80,7 @@ from __future__ import annotations
 import math
 import operator
 import os
+import re
 import time
 from collections import Counter, deque
 from collections.abc import Mapping, Sequence
@@ -88,7 +91,7 @@ from torch import Tensor
 
 from gradguard.events import Event, make_sink
 
-__all__ = ["FIELDS", "RECORD_KEYS", "Monitor"]
+__all__ = ["CLIP_RATE_ADVICE", "FIELDS", "RECORD_KEYS", "Monitor", "policy_name"]
 
 #: The scalars of one step, in the order of the ``fields`` vector passed to
 #: :meth:`Monitor.observe`. ``clipped``/``nonfinite``/``skipped`` are 0.0/1.0;
@@ -104,6 +107,70 @@ FIELDS: tuple[str, ...] = (
     "loss",
 )
 _NF = len(FIELDS)
+
+#: What a ``high_clip_rate`` event advises, for each clip policy (``ThresholdPolicy.name``);
+#: ``None``: a policy the monitor does not know.
+CLIP_RATE_ADVICE: dict[str | None, str] = {
+    "fixed": (
+        "the fixed clip threshold is too tight for this learning rate, and heavy clipping "
+        "silently lowers the effective learning rate: raise the threshold, let it adapt "
+        "(clip='auto'), or lower the learning rate."
+    ),
+    "auto": (
+        "with clip='auto' this is its trust cap binding: at this learning rate an unclipped "
+        "SGD step would move the parameters by more than rho (default 0.2%) of their norm, "
+        "so the Guard caps the step size instead. Expected at a high learning rate and "
+        "harmless while the loss falls; to clip less, lower the learning rate."
+    ),
+    "zclip": (
+        "ZClip clips norms more than z_thresh standard deviations above its running mean, "
+        "so clipping most steps means the gradient norm keeps rising faster than its "
+        "statistics follow: lower the learning rate or lengthen its warm-up (a larger "
+        "z_thresh would only hide the trend)."
+    ),
+    "autoclip": (
+        "expected: AutoClip clips at the p-th percentile of past norms, so about "
+        "(100 - p)% of steps are clipped by design (p = 10: 90%). To clip less, raise the "
+        "percentile; to silence this event, set clip_rate_threshold=None."
+    ),
+    "adagc": (
+        "expected: AdaGC clips each tensor whose norm exceeds rel (1.05) times its running "
+        "average, and a step counts as clipped when any tensor was, so most steps of a "
+        "model with many tensors are. If the loss falls, nothing is wrong; to clip less, "
+        "raise rel or lower the learning rate."
+    ),
+    "agc": (
+        "AGC clips each unit whose gradient norm exceeds `clipping` times its weight norm, "
+        "and a step counts as clipped when any unit was: on most steps some gradients are "
+        "large relative to their weights. If the loss falls, this is AGC at work; to clip "
+        "less, raise clipping (NFNets: 0.01-0.16, smaller for larger batches) or lower the "
+        "learning rate."
+    ),
+    None: (
+        "the clip threshold is too tight or the learning rate too high, and heavy clipping "
+        "silently lowers the effective learning rate: loosen the threshold or lower the "
+        "learning rate."
+    ),
+}
+
+
+def policy_name(policy: Any) -> str | None:
+    """The name of a clip policy as :data:`CLIP_RATE_ADVICE` knows it, or ``None``.
+
+    Args:
+        policy: a :class:`~gradguard.thresholds.ThresholdPolicy` (its ``name``), a policy
+            name (``"auto"``, ``"fixed:1.0"``), the policy's repr as the Guard writes it in
+            the meta (``"Auto(rho=0.002, ...)"``: the class name), or ``None``.
+
+    Returns:
+        One of the keys of :data:`CLIP_RATE_ADVICE` (``None`` for anything else).
+    """
+    name = getattr(policy, "name", policy)
+    if not isinstance(name, str):
+        return None
+    match = re.match(r"\s*([A-Za-z_]\w*)", name)
+    key = match.group(1).lower() if match else None
+    return key if key in CLIP_RATE_ADVICE else None
 
 #: The keys of an interval record, in order. Norm statistics are over finite values;
 #: a statistic with no finite value is NaN (a step: None). Per-layer lists are aligned
@@ -196,6 +263,9 @@ class Monitor:
         max_records: length of the :attr:`records` deque (recent interval records).
         meta: extra entries for the meta dict written to the sinks (e.g. the clip
             policy); must be JSON-serialisable.
+        policy: the clip policy of the monitored run, for the advice of ``high_clip_rate``
+            (see :func:`policy_name`); default: ``meta["policy"]``, where the Guard
+            writes it.
 
     Raises:
         TypeError, ValueError: for bad arguments, naming the argument and value.
@@ -231,6 +301,7 @@ class Monitor:
         max_events: int = 1000,
         max_records: int = 1000,
         meta: Mapping[str, Any] | None = None,
+        policy: Any = None,
     ) -> None:
         if isinstance(names, (str, bytes)) or not isinstance(names, Sequence):
             raise TypeError(
@@ -341,6 +412,9 @@ class Monitor:
             "time": time.time(),
             **dict(meta or {}),
         }
+        #: The clip policy's name (:func:`policy_name`), which the advice depends on.
+        self.policy: str | None = policy_name(
+            policy if policy is not None else self.meta.get("policy"))
         self.sinks: list[Any] = []
         # A single spec (a path is a str, itself a Sequence) is wrapped in a list.
         single = (str, bytes, os.PathLike)
@@ -826,12 +900,10 @@ class Monitor:
         if not rate > limit:
             return None
         self._clip_rate_flagged = True
+        last = f"; last clip threshold {thr[-1]:.4g}" if math.isfinite(thr[-1]) else ""
         msg = (
-            f"{rate:.0%} of steps {steps[0]}-{steps[-1]} were clipped (threshold "
-            f"{limit:.0%}; last clip threshold {thr[-1]:.4g}): the clip threshold is too "
-            "tight or the learning rate too high. Heavy clipping silently lowers the "
-            "effective learning rate: raise the threshold (or use an adaptive one) or lower "
-            "the learning rate."
+            f"{rate:.0%} of steps {steps[0]}-{steps[-1]} were clipped (alarm above "
+            f"{limit:.0%}{last}): {CLIP_RATE_ADVICE[self.policy]}"
         )
         return Event(
             step=steps[-1],
@@ -844,6 +916,7 @@ class Monitor:
                 "threshold": limit,
                 "n_steps": n_good,
                 "clip_threshold_last": thr[-1],
+                "policy": self.policy,
             },
         )
 
