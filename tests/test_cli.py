@@ -339,9 +339,10 @@ def test_every_option_has_help_with_its_default(command):
         assert ("default" in action.help) != action.required, (command, action.help)
 
 
-def test_demo_help_lists_the_tasks_of_the_registry(capsys):
+def test_demo_help_lists_the_tasks_of_the_registry(capsys, monkeypatch):
     from gradguard.bench import tasks
 
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse would wrap at hyphens
     assert main(["demo", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     for name in tasks.TASKS:

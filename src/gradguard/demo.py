@@ -150,7 +150,10 @@ def _fmt_acc(values: list[float]) -> str:
 def _task_specs() -> list[str]:
     from gradguard.bench import tasks
 
-    return list(dict.fromkeys([*tasks.TASKS, *tasks.expand_task_specs(["all"])]))
+    specs: list[str] = []
+    for name in tasks.TASKS:  # each name, then its variants (spike-injection:nan, ...)
+        specs += [name, *(s for s in tasks.expand_task_specs([name]) if s not in specs)]
+    return list(dict.fromkeys(specs))
 
 
 def cli_arguments(parser: argparse.ArgumentParser) -> None:
