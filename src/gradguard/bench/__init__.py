@@ -8,10 +8,15 @@ learning rates x seeds in parallel worker processes and writes ``results.json`` 
     results = run_grid(GridConfig(tasks=["deep-mlp-digits"], methods=["none", "tuned"]), "out")
 
 Modules: :mod:`~gradguard.bench.tasks` (the problems), :mod:`~gradguard.bench.methods`
-(the registry of clipping methods and the controller protocol), :mod:`~gradguard.bench.runner`
-(the grid, the aggregation, the outputs), :mod:`~gradguard.bench.cli`.
+(the registry of clipping methods and the controller protocol), :mod:`~gradguard.bench.run`
+(one run), :mod:`~gradguard.bench.grid` (the grid: plan, worker processes, resume),
+:mod:`~gradguard.bench.table` (aggregation, ``results.json`` and ``table.md``),
+:mod:`~gradguard.bench.diagnose` (is a task's failure a gradient explosion?) and
+:mod:`~gradguard.bench.demo` (the experiment behind ``gradguard demo``). The command line
+is :mod:`gradguard.cli.bench`.
 """
 
+from gradguard.bench.grid import GridConfig, run_grid
 from gradguard.bench.methods import (
     METHODS,
     Controller,
@@ -21,7 +26,8 @@ from gradguard.bench.methods import (
     register_alias,
     register_method,
 )
-from gradguard.bench.runner import GridConfig, aggregate, run_grid, run_one
+from gradguard.bench.run import run_one
+from gradguard.bench.table import aggregate
 from gradguard.bench.tasks import TASKS, Task, get_task
 
 __all__ = [

@@ -28,21 +28,21 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["diagnose_task"]
+__all__ = ["diagnose_task", "remedy_advice"]
 
 # A score within this fraction of the way from the trivial predictor to the best score
 # seen on the task counts as a failure.
 _FAIL_FRACTION = 0.1
 
 
-def _advice(task: str) -> str:
+def remedy_advice(task: str) -> str:
     """What to try for a failure that is not a gradient problem, from the task's model."""
     from torch import nn
 
-    from gradguard.bench import tasks
+    from gradguard.bench.tasks import get_task
 
     try:
-        model = tasks.get_task(task).build_model(0)
+        model = get_task(task).build_model(0)
     except Exception:  # pragma: no cover - a task that cannot be built: no advice
         return ""
     post_ln = [m for m in model.modules()
@@ -149,7 +149,7 @@ def diagnose_task(
                      "its step-0 value")
     if grown:
         parts.append(f"at lr {_lrs(grown)} it grows only as the run falls apart")
-    advice = _advice(task)
+    advice = remedy_advice(task)
     if advice:
         parts.append(advice)
     return {"verdict": "not_explosion", "message": "; ".join(parts),

@@ -96,6 +96,7 @@ __all__ = [
     "register_alias",
     "register_method",
     "str_arg",
+    "unregister",
 ]
 
 # The thresholds the ``tuned`` meta-method sweeps.
@@ -292,6 +293,14 @@ def register_alias(alias: str, spec: str) -> None:
     if alias in METHODS or alias in _ALIASES or alias in META_METHODS:
         raise ValueError(f"alias {alias!r} is already registered")
     _ALIASES[alias] = spec
+
+
+def unregister(name: str) -> None:
+    """Remove the method or alias ``name`` (registered by :func:`register_method` or
+    :func:`register_alias`), e.g. a plug-in's, or a test's; an unknown name is ignored.
+    Built-in meta-methods stay."""
+    METHODS.pop(name, None)
+    _ALIASES.pop(name, None)
 
 
 def no_arg(name: str) -> ArgParser:

@@ -1,9 +1,9 @@
 """The benchmark report: ``gradguard bench`` results as one self-contained HTML page.
 
-Input is the results dict that :func:`gradguard.bench.runner.run_grid` returns and
+Input is the results dict that :func:`gradguard.bench.grid.run_grid` returns and
 writes to ``results.json`` (``schema``, ``config``, ``tasks``, ``aggregates``, ``spike``,
 ``errors``, ``runs``), the output directory holding it, or a bench ``runs.jsonl`` (one
-run per line, aggregated here with the runner's own :func:`~gradguard.bench.runner.aggregate`).
+run per line, aggregated here with the benchmark's own :func:`~gradguard.bench.table.aggregate`).
 Every field is optional: a section whose data is missing is left out or says so.
 
 Per task the page shows its description and metric, the score against the learning
@@ -23,6 +23,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from gradguard._paths import output_file
+from gradguard._version import __version__
+from gradguard.report.figures import bench_figure, require_matplotlib, to_svg
 from gradguard.report.html import as_float, esc, fmt_count, fmt_num, fmt_pct, page, table
 
 __all__ = ["load_bench_results", "render_bench_report", "write_bench_report"]
@@ -47,8 +50,10 @@ def looks_like_bench_results(obj: Any) -> bool:
 
 
 def _results_from_runs(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Aggregate bare runs (a ``runs.jsonl``) the way the runner does."""
-    from gradguard.bench import runner
+    """Aggregate bare runs (a ``runs.jsonl``) the way the benchmark does."""
+    from gradguard.bench.grid import SCHEMA
+    from gradguard.bench.table import aggregate, spike_summary
+    from gradguard.bench.tasks import get_task
 
     good = [dict(r) for r in runs if "error" not in r]
     tasks_info: dict[str, dict[str, Any]] = {}
@@ -57,26 +62,24 @@ def _results_from_runs(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         if t in tasks_info:
             continue
         try:
-            from gradguard.bench import tasks as _tasks
-
-            tasks_info[t] = _tasks.get_task(t).describe()
+            tasks_info[t] = get_task(t).describe()
         except Exception:  # an unknown or renamed task: report it without its settings
             tasks_info[t] = {"metric": "score", "higher_is_better": None}
-    for r in good:  # strict-JSON runs hold None for NaN; the runner wants floats
+    for r in good:  # strict-JSON runs hold None for NaN; aggregate() wants floats
         for key in ("score", "frac_clipped", "frac_skipped", "sec_per_step", "ctl_ms_per_step"):
             v = as_float(r.get(key))
             r[key] = v if math.isfinite(v) else (0.0 if key != "score" else math.nan)
         r["diverged"] = bool(r.get("diverged"))
     good = [r for r in good if math.isfinite(r["score"])]
     return {
-        "schema": runner.SCHEMA,
+        "schema": SCHEMA,
         "config": {
             "lrs": sorted({float(r["lr"]) for r in good}),
             "seeds": sorted({int(r.get("seed", 0)) for r in good}),
         },
         "tasks": tasks_info,
-        "aggregates": runner.aggregate(good, tasks_info) if good else [],
-        "spike": runner.spike_summary(good),
+        "aggregates": aggregate(good, tasks_info) if good else [],
+        "spike": spike_summary(good),
         "errors": [dict(r) for r in runs if "error" in r],
         "runs": good,
     }
@@ -171,9 +174,9 @@ def _task_doc(spec: str) -> str:
     """The first paragraph of the task class's docstring, if the task is known here (the
     class is looked up, not built: building a task may load its data set)."""
     try:
-        from gradguard.bench import tasks as _tasks
+        from gradguard.bench.tasks import TASKS
 
-        cls = _tasks.TASKS.get(str(spec).partition(":")[0])
+        cls = TASKS.get(str(spec).partition(":")[0])
     except Exception:
         return ""
     doc = (cls.__doc__ or "") if cls is not None else ""
@@ -409,34 +412,8 @@ _DEFINITIONS = (
 # --------------------------------------------------------------------------------------
 
 
-def render_bench_report(results_or_path: Any, *, title: str | None = None) -> str:
-    """The benchmark report as an HTML string (see :func:`write_bench_report`)."""
-    if title is not None and not isinstance(title, str):
-        raise TypeError(f"title must be a str or None, got {type(title).__name__} {title!r}")
-    res = load_bench_results(results_or_path)
-    from gradguard.report import figures as F
-
-    F.require_matplotlib()
-    cfg = res.get("config") if isinstance(res.get("config"), Mapping) else {}
-    tasks_info = res.get("tasks") if isinstance(res.get("tasks"), Mapping) else {}
-    aggs = [r for r in (res.get("aggregates") or []) if isinstance(r, Mapping)]
-    runs = [r for r in (res.get("runs") or []) if isinstance(r, Mapping)]
-    spike = [s for s in (res.get("spike") or []) if isinstance(s, Mapping)]
-    errors = [e for e in (res.get("errors") or []) if isinstance(e, Mapping)]
-    diagnosis = res.get("diagnosis") if isinstance(res.get("diagnosis"), Mapping) else {}
-
-    order: list[str] = [str(t) for t in tasks_info]
-    for r in list(aggs) + list(runs):
-        t = str(r.get("task"))
-        if t not in order:
-            order.append(t)
-    title = title or "gradguard stability benchmark"
-    methods: list[str] = []  # one colour per method across all figures
-    for r in list(aggs) + list(runs):
-        m = str(r.get("method"))
-        if m not in methods and not r.get("tuned_from"):
-            methods.append(m)
-
+def _subtitle(cfg: Mapping[str, Any], runs: Sequence[Mapping[str, Any]]) -> str:
+    """The line under the title: seeds, learning rates, steps, versions, time, runs."""
     sub = []
     if cfg.get("seeds") is not None:
         sub.append(f"seeds {esc(', '.join(map(str, cfg['seeds'])))}")
@@ -451,9 +428,83 @@ def render_bench_report(results_or_path: Any, *, title: str | None = None) -> st
     if math.isfinite(el) and el > 0:
         sub.append(f"{esc(fmt_num(el / 60, 3))} min")
     sub.append(f"{fmt_count(len(runs))} runs")
+    return " · ".join(sub)
+
+
+def _task_section(k: int, task: str, slug: str, res: Mapping[str, Any],
+                  methods: list[str]) -> list[str]:
+    """One task's part of the page: header, diagnosis, figure, summary and lr tables."""
+    tasks_info = res["tasks"]
+    info = tasks_info.get(task) if isinstance(tasks_info.get(task), Mapping) else {}
+    rows = [r for r in res["aggregates"] if str(r.get("task")) == task]
+    runs = res["runs"]
+    body = [f'<h2 id="{esc(slug)}">{esc(task)}</h2>', _task_header(task, info)]
+    verdict = res["diagnosis"].get(task)
+    if isinstance(verdict, Mapping) and verdict.get("message"):
+        body.append('<section class="diagnosis"><h2>Diagnosis</h2><ul><li>'
+                    f'{esc(verdict["message"])}</li></ul></section>')
+    trivial = as_float(info.get("trivial_metric"))
+    lines = _lines_for_task(task, runs, rows, trivial)
+    if lines:
+        fig = bench_figure(lines, metric=str(info.get("metric", "score")),
+                           higher_is_better=_direction(info),
+                           trivial=trivial if math.isfinite(trivial) else None,
+                           method_order=methods)
+        src = "runs" if any(r.get("task") == task for r in runs) else "aggregates"
+        band = ("min\u2013max band over seeds" if src == "runs"
+                else "band: ± one standard deviation over seeds")
+        body.append(
+            f"<figure>{to_svg(fig, uid=f'gg-bench-{k}', label=f'score vs lr: {task}')}"
+            f"<figcaption>Score against learning rate, one line per method: mean over "
+            f"seeds, {band}; a cross marks a learning rate where at least one seed "
+            "diverged (scored as the trivial predictor, dashed).</figcaption></figure>"
+        )
+    else:
+        body.append('<div class="empty">No per-learning-rate data for this task.</div>')
+    if rows:
+        body.append(_summary_table(rows, _direction(info)))
+        body.append(_lr_table(rows))
+    else:
+        body.append('<div class="empty">No aggregate rows for this task.</div>')
+    return body
+
+
+def _sections(res: Mapping[str, Any]) -> dict[str, Any]:
+    """The parts of the results the page reads, each of the right type (others dropped)."""
+    def rows(key: str) -> list[Mapping[str, Any]]:
+        return [r for r in (res.get(key) or []) if isinstance(r, Mapping)]
+
+    def mapping(key: str) -> Mapping[str, Any]:
+        return res.get(key) if isinstance(res.get(key), Mapping) else {}
+
+    return {"config": mapping("config"), "tasks": mapping("tasks"),
+            "aggregates": rows("aggregates"), "runs": rows("runs"), "spike": rows("spike"),
+            "errors": rows("errors"), "diagnosis": mapping("diagnosis")}
+
+
+def render_bench_report(results_or_path: Any, *, title: str | None = None) -> str:
+    """The benchmark report as an HTML string (see :func:`write_bench_report`)."""
+    if title is not None and not isinstance(title, str):
+        raise TypeError(f"title must be a str or None, got {type(title).__name__} {title!r}")
+    res = load_bench_results(results_or_path)
+    require_matplotlib()
+    parts = _sections(res)
+    aggs, runs, errors = parts["aggregates"], parts["runs"], parts["errors"]
+
+    order: list[str] = [str(t) for t in parts["tasks"]]
+    for r in list(aggs) + list(runs):
+        t = str(r.get("task"))
+        if t not in order:
+            order.append(t)
+    title = title or "gradguard stability benchmark"
+    methods: list[str] = []  # one colour per method across all figures
+    for r in list(aggs) + list(runs):
+        m = str(r.get("method"))
+        if m not in methods and not r.get("tuned_from"):
+            methods.append(m)
 
     body: list[str] = []
-    notes = [str(m) for m in (cfg.get("skipped") or [])]
+    notes = [str(m) for m in (parts["config"].get("skipped") or [])]
     if errors:
         notes.append(f"{len(errors)} run(s) failed with an error (listed at the end).")
     if notes:
@@ -467,41 +518,10 @@ def render_bench_report(results_or_path: Any, *, title: str | None = None) -> st
     if not order:
         body.append('<div class="empty">These results hold no task.</div>')
     body.append(f'<p class="note">{_DEFINITIONS}</p>')
-
     for k, task in enumerate(order):
-        info = tasks_info.get(task) if isinstance(tasks_info.get(task), Mapping) else {}
-        rows = [r for r in aggs if str(r.get("task")) == task]
-        body.append(f'<h2 id="{esc(slugs[task])}">{esc(task)}</h2>')
-        body.append(_task_header(task, info))
-        verdict = diagnosis.get(task)
-        if isinstance(verdict, Mapping) and verdict.get("message"):
-            body.append('<section class="diagnosis"><h2>Diagnosis</h2><ul><li>'
-                        f'{esc(verdict["message"])}</li></ul></section>')
-        trivial = as_float(info.get("trivial_metric"))
-        lines = _lines_for_task(task, runs, rows, trivial)
-        if lines:
-            fig = F.bench_figure(lines, metric=str(info.get("metric", "score")),
-                                 higher_is_better=_direction(info),
-                                 trivial=trivial if math.isfinite(trivial) else None,
-                                 method_order=methods)
-            src = "runs" if any(r.get("task") == task for r in runs) else "aggregates"
-            band = ("min\u2013max band over seeds" if src == "runs"
-                    else "band: ± one standard deviation over seeds")
-            body.append(
-                f"<figure>{F.to_svg(fig, uid=f'gg-bench-{k}', label=f'score vs lr: {task}')}"
-                f"<figcaption>Score against learning rate, one line per method: mean over "
-                f"seeds, {band}; a cross marks a learning rate where at least one seed "
-                "diverged (scored as the trivial predictor, dashed).</figcaption></figure>"
-            )
-        else:
-            body.append('<div class="empty">No per-learning-rate data for this task.</div>')
-        if rows:
-            body.append(_summary_table(rows, _direction(info)))
-            body.append(_lr_table(rows))
-        else:
-            body.append('<div class="empty">No aggregate rows for this task.</div>')
+        body += _task_section(k, task, slugs[task], parts, methods)
 
-    body.append(_spike_table(spike))
+    body.append(_spike_table(parts["spike"]))
     if errors:
         erows = [[esc(e.get("task", "?")), esc(e.get("method", "?")), fmt_num(e.get("lr")),
                   esc(e.get("seed", "?")), f"<code>{esc(e.get('error', ''))}</code>"]
@@ -509,13 +529,11 @@ def render_bench_report(results_or_path: Any, *, title: str | None = None) -> st
         body.append("<h2>Failed runs</h2>"
                     + table(["task", "method", "lr", "seed", "error"], erows, numeric=(2, 3)))
 
-    from gradguard import __version__
-
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     footer = (f"Generated by gradguard {esc(__version__)} on {esc(now)} from results schema "
               f"<code>{esc(res.get('schema', '?'))}</code>. Self-contained: no scripts, no "
               "network access; figures are inline SVG.")
-    return page(title, " · ".join(sub), "\n".join(body), footer)
+    return page(title, _subtitle(parts["config"], runs), "\n".join(body), footer)
 
 
 def write_bench_report(
@@ -524,7 +542,7 @@ def write_bench_report(
     """Write the benchmark report as one self-contained HTML file.
 
     Args:
-        results_or_path: the results dict of :func:`gradguard.bench.runner.run_grid`, or a
+        results_or_path: the results dict of :func:`gradguard.bench.grid.run_grid`, or a
             path to its ``results.json``, to its output directory, or to its
             ``runs.jsonl``. Missing fields are tolerated.
         out_path: the HTML file to write (parent directories are created).
@@ -539,9 +557,7 @@ def write_bench_report(
         FileNotFoundError: if the path does not exist.
         ImportError: if matplotlib is missing (``pip install 'gradguard[bench]'``).
     """
-    from gradguard.report.run import _check_out
-
-    out = _check_out(out_path)
+    out = output_file(out_path, name="out_path")
     text = render_bench_report(results_or_path, title=title)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text, encoding="utf-8")

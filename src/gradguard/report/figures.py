@@ -405,36 +405,45 @@ def norm_figure(
     ax.tick_params(labelbottom=False)
     _legend_right(ax, handles)
 
-    # clip rate
-    rate = np.asarray(series["clip_rate"], dtype=float) * 100.0
-    if len(x) > 1:
-        ax_rate.fill_between(x, np.nan_to_num(rate), step="pre", color="#b0bec5", lw=0)
-        ax_rate.plot(x, rate, drawstyle="steps-pre", color="#546e7a", lw=0.9)
-    else:
-        ax_rate.bar(x, np.nan_to_num(rate), width=1.0, color="#b0bec5")
-    ax_rate.set_ylim(0, 105)
-    ax_rate.set_yticks([0, 50, 100])
-    ax_rate.set_ylabel("clipped\n(% of steps)")
-    ax_rate.set_xlabel("optimizer step")
-    _set_xlim(ax_rate, xlim)
-
+    _clip_rate_axes(np, ax_rate, x, series["clip_rate"], xlim)
     if ax_lane is not None:
-        rows = {k: i for i, k in enumerate(kinds)}
-        for k in kinds:
-            m, c = EVENT_STYLE.get(k, EVENT_STYLE["other"])
-            xs = [s for s, kk, _ in events if kk == k]
-            ax_lane.plot(xs, [rows[k]] * len(xs), ls="none", marker=m, color=c,
-                         markersize=7 if m != "|" else 10, mew=1.6 if m == "|" else 0.5,
-                         mec=c if m == "|" else "white", clip_on=False)
-        ax_lane.set_ylim(len(kinds) - 0.4, -0.6)
-        ax_lane.set_yticks(range(len(kinds)))
-        ax_lane.set_yticklabels([mpl_text(k, 18) for k in kinds])
-        ax_lane.tick_params(labelbottom=False, length=0)
-        ax_lane.grid(axis="x", visible=False)
-        for side in ("left", "bottom"):
-            ax_lane.spines[side].set_visible(False)
-        ax_lane.set_title("events", loc="left", fontsize=9, color="#5b6474", pad=2)
+        _event_lane(ax_lane, events, kinds)
     return fig
+
+
+def _clip_rate_axes(np: Any, ax: Axes, x: Any, clip_rate: Sequence[float],
+                    xlim: tuple[float, float]) -> None:
+    """The bottom of the norm figure: the share of steps clipped per interval."""
+    rate = np.asarray(clip_rate, dtype=float) * 100.0
+    if len(x) > 1:
+        ax.fill_between(x, np.nan_to_num(rate), step="pre", color="#b0bec5", lw=0)
+        ax.plot(x, rate, drawstyle="steps-pre", color="#546e7a", lw=0.9)
+    else:
+        ax.bar(x, np.nan_to_num(rate), width=1.0, color="#b0bec5")
+    ax.set_ylim(0, 105)
+    ax.set_yticks([0, 50, 100])
+    ax.set_ylabel("clipped\n(% of steps)")
+    ax.set_xlabel("optimizer step")
+    _set_xlim(ax, xlim)
+
+
+def _event_lane(ax: Axes, events: Sequence[tuple[float, str, float]], kinds: list[str]) -> None:
+    """The top of the norm figure: one row per event kind, a marker at each event's step."""
+    rows = {k: i for i, k in enumerate(kinds)}
+    for k in kinds:
+        m, c = EVENT_STYLE.get(k, EVENT_STYLE["other"])
+        xs = [s for s, kk, _ in events if kk == k]
+        ax.plot(xs, [rows[k]] * len(xs), ls="none", marker=m, color=c,
+                markersize=7 if m != "|" else 10, mew=1.6 if m == "|" else 0.5,
+                mec=c if m == "|" else "white", clip_on=False)
+    ax.set_ylim(len(kinds) - 0.4, -0.6)
+    ax.set_yticks(range(len(kinds)))
+    ax.set_yticklabels([mpl_text(k, 18) for k in kinds])
+    ax.tick_params(labelbottom=False, length=0)
+    ax.grid(axis="x", visible=False)
+    for side in ("left", "bottom"):
+        ax.spines[side].set_visible(False)
+    ax.set_title("events", loc="left", fontsize=9, color="#5b6474", pad=2)
 
 
 def _as_floats(np: Any, row: Sequence[Any]) -> Any:

@@ -26,7 +26,19 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from gradguard.events import EVENT_SEVERITY, Event, RunLog, read_jsonl
+from gradguard._paths import output_file
+from gradguard._version import __version__
+from gradguard.log.events import EVENT_SEVERITY, Event
+from gradguard.log.readback import RunLog, read_jsonl
+from gradguard.report.figures import (
+    Layout,
+    heatmap_figure,
+    loss_figure,
+    mpl_text,
+    norm_figure,
+    require_matplotlib,
+    to_svg,
+)
 from gradguard.report.html import NA, as_float, esc, fmt_count, fmt_num, fmt_pct, page, table
 
 __all__ = [
@@ -54,7 +66,7 @@ _SEV_RANK = {"error": 0, "warning": 1, "info": 2}
 
 
 def load_run_log(log_or_path: Any) -> tuple[RunLog, str | None]:
-    """The :class:`~gradguard.events.RunLog` and its file name (``None`` for a RunLog).
+    """The :class:`~gradguard.log.readback.RunLog` and its file name (``None`` for a RunLog).
 
     Raises:
         TypeError: if ``log_or_path`` is neither a path nor a RunLog.
@@ -66,7 +78,7 @@ def load_run_log(log_or_path: Any) -> tuple[RunLog, str | None]:
     if not isinstance(log_or_path, (str, os.PathLike)):
         raise TypeError(
             "log_or_path must be a path to a Guard JSON Lines log or a RunLog from "
-            f"gradguard.events.read_jsonl, got {type(log_or_path).__name__} {log_or_path!r}"
+            f"gradguard.log.readback.read_jsonl, got {type(log_or_path).__name__} {log_or_path!r}"
         )
     path = Path(log_or_path)
     if not path.is_file():
@@ -496,6 +508,105 @@ def _figure(svg: str, caption: str) -> str:
 # --------------------------------------------------------------------------------------
 
 
+def _xlim(recs: Sequence[dict[str, Any]], events: Sequence[Event]) -> tuple[float, float]:
+    """The step range shared by the figures."""
+    if recs:
+        return (recs[0]["step_first"], recs[-1]["step_last"])
+    if events:
+        return (float(events[0].step), float(events[-1].step))
+    return (0.0, 1.0)
+
+
+def _loss_section(recs: Sequence[dict[str, Any]], ser: dict[str, list[float]] | None,
+                  s: dict[str, Any], plot: dict[str, Any]) -> list[str]:
+    """1. the loss curve (or why there is none)."""
+    body = ["<h2>Loss</h2>"]
+    if ser is not None and s["loss_observed"]:
+        bad = [r["step_last"] for r in recs
+               if not math.isfinite(as_float(r.get("loss_mean"))) and r["n_steps"] > 0]
+        fig = loss_figure(ser["step"], ser["loss_mean"], ser["loss_last"], xlim=plot["xlim"],
+                          layout=plot["layout"], bad_steps=_thin(bad, 2000))
+        body.append(_figure(
+            to_svg(fig, uid="gg-loss", label="training loss against step"),
+            "Training loss per log interval: the mean of the interval's finite losses and "
+            "the last one; red crosses on the top edge: intervals without a finite loss."
+            + esc(plot["merged"]),
+        ))
+    elif s["loss_nonfinite"]:
+        body.append(f'<div class="empty">Every one of the {fmt_count(s["loss_nonfinite"])} '
+                    "losses given to the Guard was NaN or infinite.</div>")
+    else:
+        body.append('<div class="empty">No loss in this log: pass it to the Guard with '
+                    "<code>guard.observe_loss(loss)</code> before each optimizer step.</div>")
+    return body
+
+
+def _norm_section(recs: Sequence[dict[str, Any]], ser: dict[str, list[float]] | None,
+                  events: Sequence[Event], plot: dict[str, Any]) -> list[str]:
+    """2. the gradient-norm trace with the events and the non-finite steps."""
+    body = ["<h2>Gradient norm</h2>"]
+    ev_marks = [(float(e.step), e.kind, as_float(e.data.get("norm"))) for e in events]
+    by_kind: dict[str, list[tuple[float, str, float]]] = {}
+    for m in ev_marks:
+        by_kind.setdefault(m[1], []).append(m)
+    ev_marks = [m for ms in by_kind.values() for m in _thin(ms, 3000)]
+    nf_steps = [float(e.step) for e in events if e.kind == "nonfinite"]
+    for r in recs:
+        if _i(r.get("nonfinite")) > 0 and not any(
+            r["step_first"] <= x <= r["step_last"] for x in nf_steps[-50:]
+        ):
+            nf_steps.append(r["step_first"])
+    if ser is None:
+        body.append('<div class="empty">No interval record in this log: the run stopped '
+                    "before the first flush (records are written every <code>log_every</code> "
+                    "steps and at <code>guard.close()</code>).</div>")
+    if ser is not None or ev_marks:
+        ser_fig = ser or {k: [] for k in ("step", "pre_min", "pre_mean", "pre_max",
+                                          "post_mean", "threshold", "clip_rate")}
+        fig = norm_figure(ser_fig, ev_marks, xlim=plot["xlim"], layout=plot["layout"],
+                          nonfinite_steps=_thin(sorted(set(nf_steps)), 5000))
+        body.append(_figure(
+            to_svg(fig, uid="gg-norm", label="gradient norm against step, with events"),
+            "Pre-clip global gradient norm per log interval: the band spans the "
+            "interval's smallest to largest step (so a spike between two log steps is never "
+            "lost), the line is its mean; the clip threshold is the one in force at the "
+            "interval's end; post-clip mean: after clipping. Top lane: events at their step "
+            "(spikes are also marked at their norm); red lines: non-finite gradients. "
+            "Bottom: share of finite steps that were clipped." + esc(plot["merged"]),
+        ))
+    return body
+
+
+def _heatmap_section(recs: Sequence[dict[str, Any]], names: list[str],
+                     plot: dict[str, Any]) -> list[str]:
+    """3. the per-layer heatmap (or why there is none)."""
+    body = ["<h2>Per-layer gradient norm</h2>"]
+    layered = [r for r in recs if isinstance(r.get("layer_norm_mean"), list)]
+    if names and layered:
+        fig, note = heatmap_figure(
+            names,
+            [r["step_first"] for r in layered],
+            [r["step_last"] for r in layered],
+            [r["layer_norm_mean"] for r in layered],
+            [r.get("layer_nonfinite") or [] for r in layered],
+            layout=plot["layout"],
+            xlim=plot["xlim"],
+        )
+        cap = ("Mean gradient norm of each parameter tensor over each log interval (log₁₀ "
+               "colour scale, model order from top to bottom; grey: no gradient, red: a "
+               "non-finite norm). Names are shortened in the middle when long; the full "
+               "list is under Run settings.")
+        if note:
+            cap += " " + note[0].upper() + note[1:] + "."
+        body.append(_figure(
+            to_svg(fig, uid="gg-heat", label="per-layer gradient norm heatmap"), esc(cap)
+        ))
+    else:
+        why = "no parameter names in the log's meta" if not names else "no interval record"
+        body.append(f'<div class="empty">No per-layer data: {esc(why)}.</div>')
+    return body
+
+
 def render_run_report(
     log_or_path: Any,
     *,
@@ -522,9 +633,7 @@ def render_run_report(
     lines = _as_lines(diagnosis)
     if isinstance(max_points, bool) or not isinstance(max_points, int) or max_points < 2:
         raise ValueError(f"max_points must be an int >= 2, got {max_points!r}")
-    from gradguard.report import figures as F
-
-    F.require_matplotlib()
+    require_matplotlib()
     meta = log.meta
     recs = _normalise_records(log.records)
     events = sorted(log.events, key=lambda e: e.step)
@@ -543,96 +652,18 @@ def render_run_report(
     body = [_diagnosis_html(lines), _cards(s)]
 
     # shared x range and margins
-    if recs:
-        xlim = (recs[0]["step_first"], recs[-1]["step_last"])
-    elif events:
-        xlim = (float(events[0].step), float(events[-1].step))
-    else:
-        xlim = (0.0, 1.0)
-    longest = max((len(F.mpl_text(n, 42)) for n in names), default=0)
-    layout = F.Layout(left=min(max(0.35 + 0.064 * longest, 1.0), 3.2))
+    longest = max((len(mpl_text(n, 42)) for n in names), default=0)
+    plot = {
+        "xlim": _xlim(recs, events),
+        "layout": Layout(left=min(max(0.35 + 0.064 * longest, 1.0), 3.2)),
+        "merged": (f" Each point merges {math.ceil(len(recs) / max_points)} consecutive log "
+                   "intervals (min of minima, max of maxima, means weighted by steps)."
+                   if recs and len(recs) > max_points else ""),
+    }
     ser = _series(recs, max_points) if recs else None
-    merged = (f" Each point merges {math.ceil(len(recs) / max_points)} consecutive log "
-              "intervals (min of minima, max of maxima, means weighted by steps)."
-              if recs and len(recs) > max_points else "")
-
-    # 1. loss
-    body.append("<h2>Loss</h2>")
-    if ser is not None and s["loss_observed"]:
-        bad = [r["step_last"] for r in recs
-               if not math.isfinite(as_float(r.get("loss_mean"))) and r["n_steps"] > 0]
-        fig = F.loss_figure(ser["step"], ser["loss_mean"], ser["loss_last"], xlim=xlim,
-                            layout=layout, bad_steps=_thin(bad, 2000))
-        body.append(_figure(
-            F.to_svg(fig, uid="gg-loss", label="training loss against step"),
-            "Training loss per log interval: the mean of the interval's finite losses and "
-            "the last one; red crosses on the top edge: intervals without a finite loss."
-            + esc(merged),
-        ))
-    elif s["loss_nonfinite"]:
-        body.append(f'<div class="empty">Every one of the {fmt_count(s["loss_nonfinite"])} '
-                    "losses given to the Guard was NaN or infinite.</div>")
-    else:
-        body.append('<div class="empty">No loss in this log: pass it to the Guard with '
-                    "<code>guard.observe_loss(loss)</code> before each optimizer step.</div>")
-
-    # 2. gradient norms
-    body.append("<h2>Gradient norm</h2>")
-    ev_marks = [(float(e.step), e.kind, as_float(e.data.get("norm"))) for e in events]
-    by_kind: dict[str, list[tuple[float, str, float]]] = {}
-    for m in ev_marks:
-        by_kind.setdefault(m[1], []).append(m)
-    ev_marks = [m for ms in by_kind.values() for m in _thin(ms, 3000)]
-    nf_steps = [float(e.step) for e in events if e.kind == "nonfinite"]
-    for r in recs:
-        if _i(r.get("nonfinite")) > 0 and not any(
-            r["step_first"] <= x <= r["step_last"] for x in nf_steps[-50:]
-        ):
-            nf_steps.append(r["step_first"])
-    if ser is None:
-        body.append('<div class="empty">No interval record in this log: the run stopped '
-                    "before the first flush (records are written every <code>log_every</code> "
-                    "steps and at <code>guard.close()</code>).</div>")
-    if ser is not None or ev_marks:
-        ser_fig = ser or {k: [] for k in ("step", "pre_min", "pre_mean", "pre_max",
-                                          "post_mean", "threshold", "clip_rate")}
-        fig = F.norm_figure(ser_fig, ev_marks, xlim=xlim, layout=layout,
-                            nonfinite_steps=_thin(sorted(set(nf_steps)), 5000))
-        body.append(_figure(
-            F.to_svg(fig, uid="gg-norm", label="gradient norm against step, with events"),
-            "Pre-clip global gradient norm per log interval: the band spans the "
-            "interval's smallest to largest step (so a spike between two log steps is never "
-            "lost), the line is its mean; the clip threshold is the one in force at the "
-            "interval's end; post-clip mean: after clipping. Top lane: events at their step "
-            "(spikes are also marked at their norm); red lines: non-finite gradients. "
-            "Bottom: share of finite steps that were clipped." + esc(merged),
-        ))
-
-    # 3. per-layer heatmap
-    body.append("<h2>Per-layer gradient norm</h2>")
-    layered = [r for r in recs if isinstance(r.get("layer_norm_mean"), list)]
-    if names and layered:
-        fig, note = F.heatmap_figure(
-            names,
-            [r["step_first"] for r in layered],
-            [r["step_last"] for r in layered],
-            [r["layer_norm_mean"] for r in layered],
-            [r.get("layer_nonfinite") or [] for r in layered],
-            layout=layout,
-            xlim=xlim,
-        )
-        cap = ("Mean gradient norm of each parameter tensor over each log interval (log₁₀ "
-               "colour scale, model order from top to bottom; grey: no gradient, red: a "
-               "non-finite norm). Names are shortened in the middle when long; the full "
-               "list is under Run settings.")
-        if note:
-            cap += " " + note[0].upper() + note[1:] + "."
-        body.append(_figure(
-            F.to_svg(fig, uid="gg-heat", label="per-layer gradient norm heatmap"), esc(cap)
-        ))
-    else:
-        why = "no parameter names in the log's meta" if not names else "no interval record"
-        body.append(f'<div class="empty">No per-layer data: {esc(why)}.</div>')
+    body += _loss_section(recs, ser, s, plot)
+    body += _norm_section(recs, ser, events, plot)
+    body += _heatmap_section(recs, names, plot)
 
     # 4. events
     body.append(f"<h2>Events ({fmt_count(len(events))})</h2>")
@@ -641,8 +672,6 @@ def render_run_report(
     # 5. settings
     body.append("<h2>Run settings</h2>")
     body.append(_settings(meta, source))
-
-    from gradguard import __version__
 
     now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     footer = (f"Generated by gradguard {esc(__version__)} on {esc(now)}. Self-contained: no "
@@ -661,8 +690,8 @@ def write_run_report(
 
     Args:
         log_or_path: a path to a Guard JSON Lines log (``Guard(sinks=["run.jsonl"])``)
-            or the :class:`~gradguard.events.RunLog` from
-            :func:`gradguard.events.read_jsonl`.
+            or the :class:`~gradguard.log.readback.RunLog` from
+            :func:`gradguard.log.readback.read_jsonl`.
         out_path: the HTML file to write (parent directories are created).
         title: the page title (default: ``gradguard run report — <file name>``).
         diagnosis: lines shown prominently at the top (a str, a list of str, or a
@@ -678,17 +707,8 @@ def write_run_report(
         FileNotFoundError: if the log does not exist.
         ImportError: if matplotlib is missing (``pip install 'gradguard[bench]'``).
     """
-    out = _check_out(out_path)
+    out = output_file(out_path, name="out_path")
     text = render_run_report(log_or_path, title=title, diagnosis=diagnosis)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text, encoding="utf-8")
-    return out
-
-
-def _check_out(out_path: Any) -> Path:
-    if not isinstance(out_path, (str, os.PathLike)):
-        raise TypeError(f"out_path must be a path, got {type(out_path).__name__} {out_path!r}")
-    out = Path(out_path)
-    if out.is_dir():
-        raise ValueError(f"out_path {str(out)!r} is a directory; give a file name")
     return out

@@ -12,6 +12,9 @@ import json
 import sys
 from pathlib import Path
 
+from gradguard._paths import output_file
+from gradguard.cli.checks import CLIError, require_extra
+
 __all__ = ["cli_arguments", "cli_main", "detect_kind"]
 
 _RUN_TYPES = frozenset({"meta", "record", "event"})
@@ -92,9 +95,6 @@ def cli_main(args: argparse.Namespace) -> int:
         CLIError: for an input that is not a Guard log or benchmark results, an output
             that cannot be written, or a missing matplotlib.
     """
-    from gradguard._paths import output_file
-    from gradguard.cli import CLIError, require_extra
-
     src = Path(args.input)
     try:
         kind = detect_kind(src)

@@ -1,4 +1,4 @@
-"""``gradguard bench``: run the stability benchmark and write ``results.json`` and ``table.md``.
+"""``gradguard bench``: run the stability benchmark; write ``results.json`` and ``table.md``.
 
 Example::
 
@@ -13,10 +13,12 @@ import os
 import sys
 
 from gradguard._paths import output_dir
-from gradguard.bench import methods as _methods
-from gradguard.bench import tasks as _tasks
-from gradguard.bench.runner import DEFAULT_LRS, GridConfig, run_grid
-from gradguard.cli import CLIError, missing_extra, positive_int
+from gradguard.bench.grid import DEFAULT_LRS, GridConfig, run_grid
+from gradguard.bench.methods import META_METHODS, METHODS, expand_method_specs
+from gradguard.bench.tasks import TASKS, expand_task_specs, get_task
+from gradguard.cli.checks import CLIError, missing_extra, positive_int
+
+__all__ = ["cli_arguments", "cli_main", "parse_lrs", "parse_seeds"]
 
 
 def _csv(text: str) -> list[str]:
@@ -64,15 +66,15 @@ def parse_lrs(text: str) -> list[float]:
 
 def cli_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``bench`` options to ``parser``."""
-    tasks = ", ".join(_tasks.TASKS)
-    methods = ", ".join(sorted([*_methods.METHODS, *_methods.META_METHODS]))
+    task_names = ", ".join(TASKS)
+    method_names = ", ".join(sorted([*METHODS, *META_METHODS]))
     parser.add_argument("--tasks", default="all",
-                        help=f"comma-separated task specs or 'all'. Tasks: {tasks}; "
+                        help=f"comma-separated task specs or 'all'. Tasks: {task_names}; "
                         "spike-injection[:x100|nan|clean] (default: %(default)s)")
     parser.add_argument("--methods", default="default",
                         help="comma-separated method specs, e.g. none,clip:1,tuned,value:1,"
-                        f"agc:0.01; 'default' = none,tuned,value,agc,peer-*. Methods: {methods} "
-                        "(default: %(default)s)")
+                        "agc:0.01; 'default' = none,tuned,value,agc,peer-*. Methods: "
+                        f"{method_names} (default: %(default)s)")
     parser.add_argument("--seeds", default="3",
                         help="a count (3 = seeds 0,1,2) or a comma list (default: %(default)s)")
     parser.add_argument("--lrs", default=",".join(f"{x:g}" for x in DEFAULT_LRS),
@@ -110,10 +112,10 @@ def _config(args: argparse.Namespace) -> GridConfig:
         full_trace_methods=_csv(args.full_traces),
     )
     config.validate()
-    _tasks.expand_task_specs(config.tasks)
-    _methods.expand_method_specs(config.methods)
+    expand_task_specs(config.tasks)
+    expand_method_specs(config.methods)
     try:
-        _methods.expand_method_specs(config.full_trace_methods)
+        expand_method_specs(config.full_trace_methods)
     except ValueError as e:
         raise ValueError(f"--full-traces: {e}") from None
     return config
@@ -122,9 +124,9 @@ def _config(args: argparse.Namespace) -> GridConfig:
 def _load_task_data(config: GridConfig) -> None:
     """Each task's data, once, in this process: a missing optional dependency (scikit-learn
     for the digits tasks) is refused here, before the first run, not in a worker."""
-    for spec in _tasks.expand_task_specs(config.tasks):
+    for spec in expand_task_specs(config.tasks):
         try:
-            _tasks.get_task(spec).data()
+            get_task(spec).data()
         except ImportError as e:
             raise missing_extra(e, f"the task {spec}") from None
 
