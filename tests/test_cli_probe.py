@@ -1,0 +1,124 @@
+"""``gradguard probe`` (:mod:`gradguard.cli.probe`): bad targets, factories and inputs
+refused in one line before probing."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from cli_utils import forbid_work, refused
+from gradguard.cli import CLIError
+from gradguard.cli import probe as probe_cli
+
+ZOO = """\
+import torch.nn as nn
+
+def deep():
+    return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+
+def needs(width):
+    return nn.Linear(width, width)
+
+class Block(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+
+def number():
+    return 3
+
+def fails():
+    raise RuntimeError("the weights file is missing")
+"""
+
+
+@pytest.fixture
+def no_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    forbid_work(monkeypatch)
+
+
+@pytest.fixture
+def zoo(tmp_path: Path) -> Path:
+    path = tmp_path / "zoo.py"
+    path.write_text(ZOO)
+    return path
+
+
+def test_probe_fix_refuses_a_directory(zoo, tmp_path, capsys, no_work):
+    refused(["probe", f"{zoo}:deep", "--input-shape", "4", "8", "--fix", str(tmp_path)],
+            capsys, "--fix", "is a directory", "fixed.pt")
+    refused(["probe", f"{zoo}:deep", "--input-shape", "4", "8", "--fix", f"{zoo}/x.pt"],
+            capsys, "--fix", "is a file, not a directory")
+
+
+@pytest.mark.parametrize("factory, needles", [
+    ("needs", ("needs arguments (width)", "def build():")),
+    ("Block", ("needs arguments (width)",)),
+    ("number", ("returned int, not an nn.Module",)),
+    ("fails", ("fails() raised RuntimeError: the weights file is missing",)),
+    ("missing", ("'missing' is not a callable",)),
+])
+def test_probe_refuses_bad_factories(zoo, capsys, no_work, factory, needles):
+    refused(["probe", f"{zoo}:{factory}", "--input-shape", "4", "8"], capsys, *needles)
+
+
+def test_probe_refuses_bad_targets(zoo, tmp_path, capsys, no_work):
+    refused(["probe", "no_such_module_xyz:build", "--input-shape", "4"], capsys,
+            "cannot import 'no_such_module_xyz'", "path of a .py file")
+    refused(["probe", str(tmp_path / "absent.py") + ":build", "--input-shape", "4"], capsys,
+            "no such file")
+    refused(["probe", str(zoo), "--input-shape", "4"], capsys, "MODULE:FACTORY expected")
+    broken = tmp_path / "broken.py"
+    broken.write_text("import torch\nraise ValueError('bad config')\n")
+    refused(["probe", f"{broken}:build", "--input-shape", "4"], capsys,
+            "importing", "ValueError: bad config")
+    needs_dep = tmp_path / "needs_dep.py"
+    needs_dep.write_text("import no_such_dependency_xyz\n")
+    line = refused(["probe", f"{needs_dep}:build", "--input-shape", "4"], capsys,
+                   "no_such_dependency_xyz")
+    assert "path of a .py file" not in line  # the file was found; its import was not
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["--input-shape", "4", "9"], ("--input-shape 4 9", "mat1 and mat2", "batch first")),
+    (["--input-shape", "4", "8", "--input-shape", "4", "8"], ("forward fails",)),
+    (["--input-shape", "4", "8", "--input-dtype", "long"], ("--input-dtype",)),
+    (["--input-shape", "0", "8"], ("--input-shape", "'0'")),
+    (["--input-shape", "4", "-8"], ("--input-shape", "'-8'")),
+    (["--input-shape", "4", "x"], ("--input-shape",)),
+    (["--input-shape", "4", "8", "--tolerance", "1"], ("--tolerance",)),
+    (["--input-shape", "4", "8", "--n-batches", "0"], ("--n-batches",)),
+    (["--input-shape", "4", "8", "--vocab", "0"], ("--vocab",)),
+    ([], ("--input-shape",)),
+])
+def test_probe_refuses_inputs_the_model_does_not_take(zoo, capsys, no_work, argv, needles):
+    refused(["probe", f"{zoo}:deep", *argv], capsys, *needles)
+
+
+def test_probe_input_check_leaves_the_model_as_it_was(zoo, capsys, monkeypatch):
+    """The forward pass that checks the inputs runs in eval mode without gradients and
+    restores every module's mode: BatchNorm's running statistics do not move."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Dropout(0.5))
+    model[2].eval()  # mixed modes survive
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = {}
+
+    def fake_probe(m, example, **kwargs):
+        seen["modes"] = [x.training for x in m.modules()]
+        seen["state"] = {k: v.clone() for k, v in m.state_dict().items()}
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(probe_cli, "probe", fake_probe)
+    args = argparse.Namespace(target="x:y", input_shape=[[16, 8]], input_dtype="float32",
+                              vocab=10, n_batches=1, eval=False, tolerance=20.0, seed=0,
+                              max_rows=10, fix=None)
+    monkeypatch.setattr(probe_cli, "load_factory", lambda target: lambda: model)
+    with pytest.raises(CLIError, match="stop here"):
+        probe_cli.cli_main(args)
+    assert seen["modes"] == [True, True, True, False]
+    for k, v in before.items():
+        assert torch.equal(seen["state"][k], v), k
