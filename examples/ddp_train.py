@@ -2,7 +2,11 @@
 
 Run on CPU (gloo), two processes::
 
-    torchrun --nproc_per_node 2 examples/ddp_train.py
+    torchrun --standalone --nproc_per_node 2 examples/ddp_train.py
+
+(``--standalone``: a one-node rendezvous on a port that the kernel picks, shared by the
+workers, so no fixed port such as 29500 has to be free; torch 2.13 does the same for one
+node when no ``--master-port`` is given.)
 
 Each rank trains a small MLP on its own stream of synthetic regression data under
 ``DistributedDataParallel``. At step ``--nan-step`` one sample of rank 1's batch is NaN:

@@ -44,11 +44,12 @@ POLICIES = ["fixed", "auto", "autoclip", "zclip", "adagc", "agc", "none", "fixed
             "param-norm"]
 TOL = {"rtol": 1e-6, "atol": 1e-9}
 ROOT = Path(__file__).resolve().parents[1]
-# Hang guards only (they decide no result). Starting processes is most of these tests' cost,
-# and it stretches with the machine's load: torchrun's 40-step example took 35-100 s on this
-# 2-core machine at load 9-18 and 232 s when starved (nice 19, one core), and the shared
-# 2-process run 80 s at load 9. The per-test limit of pyproject.toml (300 s) counts the
-# module fixture's setup too, so this file raises it above the guards.
+# Hang guards only (they decide no result). Starting processes is most of these tests' cost
+# (torchrun's 40-step example: 13 CPU-s, of which 200 more steps add 3), and it stretches
+# with the machine's load: that example took 35-100 s on a 2-core machine at load 9-18, and
+# 232 s and 406 s when starved (nice 19 on one core at load 8-10), beyond the 240 s that
+# once failed this test; the shared 2-process run took 80 s at load 9. The per-test limit
+# of pyproject.toml (300 s) counts the module fixture's setup too, so this file raises it.
 HANG_GUARD_S = 900
 pytestmark = pytest.mark.timeout(HANG_GUARD_S + 120)
 
