@@ -1,6 +1,6 @@
 """Time gradguard's clipping against torch's, side by side in one process.
 
-Usage:  python benchmarks/bench_clip.py [--repeats 9] [--shapes gpt2-small 2000x1000]
+Usage:  python perf/bench_clip.py [--repeats 9] [--shapes gpt2-small 2000x1000]
 
 Prints median milliseconds per call over interleaved repeats and the ratio to the
 reference. Gradients are restored (untimed) before every call, so "clipping active"

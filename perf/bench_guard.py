@@ -1,6 +1,6 @@
 """Per-step cost of ``Guard.step()`` (monitoring on) against torch's ``clip_grad_norm_``.
 
-Usage:  python benchmarks/bench_guard.py [--repeats 9] [--long-steps 20000]
+Usage:  python perf/bench_guard.py [--repeats 9] [--long-steps 20000]
 
 Two tables:
 

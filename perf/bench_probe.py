@@ -1,6 +1,6 @@
 """Time gradguard.probe on a deep MLP against a plain forward+backward of the same model.
 
-Usage:  python benchmarks/bench_probe.py [--depth 100] [--width 64] [--batch 256] [--repeats 5]
+Usage:  python perf/bench_probe.py [--depth 100] [--width 64] [--batch 256] [--repeats 5]
                                           [--threads 1]
 
 The probe traces every layer with hooks, runs the batch forward and backward with a random
