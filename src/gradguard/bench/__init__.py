@@ -1,4 +1,4 @@
-"""The stability benchmark: tasks that blow up, methods that stop it, and a grid runner.
+"""The stability benchmark: tasks that blow up, methods that stop it, and the grid that runs them.
 
 ``gradguard bench --tasks ... --methods ... --seeds 3 --out DIR`` runs tasks x methods x
 learning rates x seeds in parallel worker processes and writes ``results.json`` and

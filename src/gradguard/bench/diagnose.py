@@ -66,7 +66,7 @@ def diagnose_task(
 
     Args:
         task: the task spec.
-        runs: its benchmark runs (``runner.run_one`` results), ``none`` among them.
+        runs: its benchmark runs (:func:`gradguard.bench.run.run_one` results), ``none`` among them.
         info: the task's ``describe()`` (``higher_is_better``, ``trivial_metric``).
         growth: a norm growing less than this over its step-0 value is called bounded.
 

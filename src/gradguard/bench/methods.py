@@ -4,14 +4,15 @@ A *method* turns ``(model, optimizer)`` into a *controller*. The training loop c
 ``controller.step()`` right after ``loss.backward()``; the controller applies its clipping,
 then performs (or skips) ``optimizer.step()``, and returns a :class:`StepInfo`: the total
 L2 norm of the gradients *before* clipping, whether it clipped, whether it skipped.
-Values may be tensors (the runner reads them once per step) or Python scalars.
+Values may be tensors (:func:`~gradguard.bench.run.run_one` reads them once per step) or
+Python scalars.
 
 Specs are ``name`` or ``name:arg`` (``clip:1``, ``value:0.5``, ``agc:0.01``). Registered:
 
 ====================  =================================================================
 ``none``              ``optimizer.step()``, nothing else (the norm is only measured).
 ``clip:<t>``          ``torch.nn.utils.clip_grad_norm_(params, t)``.
-``tuned``             meta-method: the runner runs ``clip:{0.1,0.3,1,3,10}`` and reports
+``tuned``             meta-method: the grid runs ``clip:{0.1,0.3,1,3,10}`` and reports
                       the best threshold per task (by mean metric over the grid).
 ``value[:<t>]``       ``torch.nn.utils.clip_grad_value_(params, t)``; default ``t = 1``.
 ``agc[:<c>]``         ``gradguard.clip_grad_agc_(params, clipping=c)`` on every layer but
@@ -50,7 +51,7 @@ Why the choices:
 * ``agc`` leaves the final layer unclipped, as Brock et al. 2021 do ("we find it is
   beneficial not to clip the final linear layer"); 0.01 is the paper's value and
   gradguard's default.
-* The ``peer-*`` wrappers import their package lazily; when it is missing the runner
+* The ``peer-*`` wrappers import their package lazily; when it is missing the grid
   skips the method with a message naming the package (``pip install 'gradguard[peers]'``).
   Neither package reports whether it clipped, so their controllers measure the norm after
   clipping as well (one extra norm pass, part of their measured overhead).
@@ -253,7 +254,7 @@ class Method:
 
 METHODS: dict[str, MethodDef] = {}
 _ALIASES: dict[str, str] = {}
-# Meta-methods the runner expands into several concrete specs.
+# Meta-methods the grid expands into several concrete specs.
 META_METHODS: dict[str, tuple[str, ...]] = {
     "tuned": tuple(f"clip:{t:g}" for t in TUNED_THRESHOLDS),
 }

@@ -8,7 +8,7 @@ on one thread give bitwise-identical losses. Different methods at the same seed 
 same initial weights and the same batches, so comparisons between methods are paired.
 
 A task supplies the pieces; the training loop itself lives in
-:func:`gradguard.bench.runner.run_one` and is the same for every task::
+:func:`gradguard.bench.run.run_one` and is the same for every task::
 
     model = task.build_model(seed)
     optimizer = task.build_optimizer(model.parameters(), lr)
@@ -26,8 +26,8 @@ nothing has left the region where training is meaningful.
 
 Scoring: ``task.trivial_metric`` is the metric of the best constant predictor (always
 answer 1 for the adding problem, the majority class for digits, zero for the linear
-teacher, the unigram distribution for the language model). The runner scores a diverged
-run, and any run worse than this, at the trivial metric (see :mod:`gradguard.bench.runner`).
+teacher, the unigram distribution for the language model). A diverged run, and any run worse
+than this, scores the trivial metric (see :mod:`gradguard.bench.run`).
 
 Tasks (``TASKS``; specs are ``name`` or ``name:variant``):
 
