@@ -1,3 +1,5 @@
+"""``python -m gradguard``: the ``gradguard`` command line (:func:`gradguard.cli.main`)."""
+
 import sys
 
 from gradguard.cli import main
