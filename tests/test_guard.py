@@ -13,7 +13,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import gradguard as gg
-from gradguard.events import read_jsonl
+from gradguard.log.readback import read_jsonl
 from gradguard.remedies import LRBackoff, Remedies, Rollback, TrainingDiverged
 
 POLICIES = [0.5, "autoclip", "zclip", "adagc", "agc", "auto", None]
@@ -635,7 +635,7 @@ def test_close_neither_rolls_back_nor_raises_and_closes_the_sinks(tmp_path):
     trained = [p.detach().clone() for p in model.parameters()]
     guard.close()  # the last partial interval has the loss jump
     assert all(torch.equal(a, b) for a, b in zip(trained, model.parameters(), strict=True))
-    assert guard.monitor._closed and guard.optimizers == []
+    assert guard.monitor.closed and guard.optimizers == []
     run = read_jsonl(log)
     assert run.records[-1]["step_last"] == 12 and "rollback" not in [e.kind for e in run.events]
 
@@ -756,3 +756,10 @@ def test_detach_restores_the_optimizer():
     guard = gg.Guard(model, clip=1e-3, sinks=[]).attach(opt)
     guard.detach()
     assert opt.step == original
+
+
+def test_guard_keeps_rejecting_non_positive_norm_types():
+    params = [torch.nn.Parameter(torch.ones(2))]
+    for p in (0, -1.0, -math.inf):
+        with pytest.raises(ValueError, match="norm_type must be > 0"):
+            gg.Guard(params, clip=1.0, norm_type=p, sinks=[])

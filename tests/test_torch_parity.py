@@ -30,8 +30,9 @@ from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTens
 
 import gradguard as gg
 from gradguard import clip as clip_mod
-from gradguard import norms as norms_mod
 from gradguard._validation import check_clip_threshold
+from gradguard.engine import scaling
+from gradguard.engine.norms import TensorGroups
 
 FOREACH = [None, False, True]
 # Every order torch's clip_grad_norm_ documents: its test's list plus 0, negative and -inf.
@@ -364,13 +365,13 @@ def test_on_device_threshold_arithmetic_is_torchs(value, tdtype, dtype):
     thr = torch.tensor(value, dtype=tdtype)
     for total in [torch.tensor(5.25), torch.tensor(0.0), torch.tensor(0.1, dtype=torch.float64),
                   torch.tensor(3.0e-7), torch.tensor(inf), torch.tensor(nan)]:
-        ours = clip_mod._coef_from_norms(thr, total)
+        ours = scaling.torch_clip_coefficient(thr, total)
         theirs = torch.clamp(float(thr) / (total + 1e-6), max=1.0)
         assert ours.dtype == theirs.dtype
         assert torch.equal(ours, theirs) or (ours.isnan() and theirs.isnan()), (total, value)
     ours = _random_params(dtype=dtype)
     theirs = _grad_copies(ours)
-    norms_mod.TensorGroups([p.grad for p in ours]).clamp_(thr)
+    scaling.clamp_(TensorGroups([p.grad for p in ours]), thr)
     if float(thr) <= torch.finfo(dtype).max:  # beyond: torch raises, see the test below
         torch.nn.utils.clip_grad_value_(theirs, float(thr))
     assert _same_grads(ours, theirs)

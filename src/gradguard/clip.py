@@ -1,8 +1,9 @@
 """Stateless, in-place gradient clipping with no host synchronisation.
 
 Every function takes a Tensor, an iterable of Tensors/Parameters or ``model.parameters()``,
-skips parameters whose ``.grad`` is ``None``, gets its norms from :mod:`gradguard.norms`
-(fp32 accumulation, foreach kernels, DTensor-aware) and scales gradients in place with
+skips parameters whose ``.grad`` is ``None``, gets its norms from the norm engine
+(:mod:`gradguard.engine`: fp32 accumulation, foreach kernels, DTensor-aware), its
+coefficients from :mod:`gradguard.engine.scaling` and scales gradients in place with
 foreach kernels. Coefficients stay on the device; on accelerators gradients are always
 multiplied by the clamped coefficient (a branch would need a device->host read). On CPU
 the read is free, so the multiply is skipped for the tensors that are not clipped.
@@ -26,9 +27,29 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from gradguard import norms as _norms
 from gradguard._validation import check_clip_threshold, check_threshold
-from gradguard.norms import TensorOrTensors
+from gradguard.engine.norms import (
+    LOW_PRECISION,
+    TensorGroups,
+    TensorOrTensors,
+    as_tensor_list,
+    get_grads,
+    grad_groups,
+    group_by_device_and_dtype,
+    raise_if_nonfinite,
+    total_norm,
+    validate_norm_type,
+)
+from gradguard.engine.scaling import (
+    agc_coefficients,
+    clamp_,
+    div_list_,
+    mul_,
+    on_device,
+    torch_clip_coefficient,
+)
+from gradguard.engine.sharding import localize
+from gradguard.engine.units import UnitNorms
 
 __all__ = [
     "clip_grad_agc_",
@@ -40,31 +61,8 @@ __all__ = [
     "scale_grads_",
 ]
 
-# torch's guard against division by zero in clip_grad_norm_; kept identical so that the
-# results are bitwise equal to torch's on fp32.
-_NORM_EPS = 1e-6
-
 Threshold = float | Tensor
 """A clipping threshold: a Python number, or a one-element tensor that stays on its device."""
-
-
-def _on(limit: Tensor, like: Tensor) -> Tensor:
-    """A tensor threshold in ``like``'s dtype and on its device (a copy only if needed)."""
-    return limit.to(device=like.device, dtype=like.dtype)
-
-
-def _coef_from_norms(limit: Threshold, norms: Tensor) -> Tensor:
-    """``min(1, limit / (norm + 1e-6))`` with torch's arithmetic; never amplifies, and a NaN
-    norm gives NaN, like torch.
-
-    torch computes ``max_norm / (norm + 1e-6)`` with a Python float, which is
-    ``Tensor.__rtruediv__``: ``reciprocal(norm + 1e-6) * max_norm``. A tensor threshold
-    follows the same two roundings (in the norm's dtype), so its result is bitwise torch's
-    for ``float(threshold)``, without reading it on the host.
-    """
-    if isinstance(limit, Tensor):
-        return torch.clamp((norms + _NORM_EPS).reciprocal() * _on(limit, norms), max=1.0)
-    return torch.clamp(limit / (norms + _NORM_EPS), max=1.0)
 
 
 def _warn_if_empty_generator(parameters: TensorOrTensors) -> TensorOrTensors:
@@ -99,7 +97,7 @@ def scale_grads_(
         coef: the coefficients, ``<= 1``; NaN propagates like torch.
         foreach: use foreach kernels (``None``: where supported).
     """
-    _norms.TensorGroups(grads).mul_(coef, foreach)
+    mul_(TensorGroups(grads), coef, foreach)
 
 
 @torch.no_grad()
@@ -130,8 +128,8 @@ def clip_grads_with_norm_(
     if not isinstance(total_norm, torch.Tensor):
         raise TypeError(f"total_norm must be a Tensor (e.g. from get_total_norm), got "
                         f"{total_norm!r}")
-    coef = _coef_from_norms(limit, total_norm)
-    _norms.grad_groups(parameters).mul_(coef, foreach)
+    coef = torch_clip_coefficient(limit, total_norm)
+    mul_(grad_groups(parameters), coef, foreach)
     return coef
 
 
@@ -186,14 +184,14 @@ def clip_grad_norm_(
         >>> norm = gg.clip_grad_norm_(model.parameters(), max_norm=1.0)
     """
     limit = check_clip_threshold(max_norm, "max_norm")
-    p = _norms.validate_norm_type(norm_type, torch_compatible=True)
-    groups = _norms.grad_groups(_warn_if_empty_generator(parameters))
+    p = validate_norm_type(norm_type, torch_compatible=True)
+    groups = grad_groups(_warn_if_empty_generator(parameters))
     if not groups.tensors and process_group is None:  # a rank must still join the collective
         return torch.tensor(0.0)
     total = groups.total_norm(p, foreach, process_group=process_group)
     if error_if_nonfinite:
-        _norms.raise_if_nonfinite(total, p)
-    groups.mul_(_coef_from_norms(limit, total), foreach)
+        raise_if_nonfinite(total, p)
+    mul_(groups, torch_clip_coefficient(limit, total), foreach)
     return total
 
 
@@ -215,7 +213,7 @@ def clip_grad_value_(
         foreach: use foreach kernels (``None``: where supported).
     """
     limit = check_clip_threshold(clip_value, "clip_value")
-    _norms.grad_groups(parameters).clamp_(limit, foreach)
+    clamp_(grad_groups(parameters), limit, foreach)
 
 
 @torch.no_grad()
@@ -245,13 +243,13 @@ def clip_grad_norm_per_tensor_(
         Batch Training of Convolutional Networks" (LARS) motivates layer-wise treatment.
     """
     limit = check_clip_threshold(max_norm, "max_norm")
-    p = _norms.validate_norm_type(norm_type, torch_compatible=True)
-    groups = _norms.grad_groups(parameters)
+    p = validate_norm_type(norm_type, torch_compatible=True)
+    groups = grad_groups(parameters)
     if not groups.tensors:
         return torch.tensor(0.0)
     per_tensor = groups.norms(p, foreach)
-    groups.mul_(_coef_from_norms(limit, per_tensor), foreach)
-    return _norms.total_norm(per_tensor, p)
+    mul_(groups, torch_clip_coefficient(limit, per_tensor), foreach)
+    return total_norm(per_tensor, p)
 
 
 @torch.no_grad()
@@ -282,7 +280,7 @@ def clip_grad_block_rms_(
         optax ``optax.clip_by_block_rms`` (``optax/transforms/_clipping.py``).
     """
     limit = check_clip_threshold(threshold, "threshold", positive=True)
-    groups = _norms.grad_groups(parameters)
+    groups = grad_groups(parameters)
     if not groups.tensors:
         return torch.tensor(0.0)
     groups.writable()
@@ -291,49 +289,31 @@ def clip_grad_block_rms_(
     squares: list[Tensor] = []  # sums of squares, one vector per bucket, for the total
 
     def bucket(idx: list[int], rms: Tensor) -> None:
-        lim = _on(limit, rms) if isinstance(limit, Tensor) else limit
+        lim = on_device(limit, rms) if isinstance(limit, Tensor) else limit
         for i, d in zip(idx, torch.clamp(rms / lim, min=1.0).unbind(0), strict=True):
             denoms[i] = d
 
     engine = [i for i, t in enumerate(local)
-              if i in groups.shards or t.dtype in _norms._LOW_PRECISION]
+              if i in groups.shards or t.dtype in LOW_PRECISION]
     if engine:
         sub = [groups.tensors[i] for i in engine]
-        norms = _norms.TensorGroups(sub, validate=False).norms(2.0, foreach)
+        norms = TensorGroups(sub, validate=False).norms(2.0, foreach)
         # numel of a DTensor is the global size, as the RMS of the full tensor needs. The
         # scalars travel as kernel arguments: no host->device copy.
         inv_sqrt_n = [1.0 / math.sqrt(max(t.numel(), 1)) for t in sub]
         bucket(engine, torch.stack(torch._foreach_mul(list(norms.unbind(0)), inv_sqrt_n)))
         squares.append(norms * norms)
     exact = [i for i in range(len(local)) if denoms[i] is None]
-    buckets = _norms._group_by_device_and_dtype([local[i] for i in exact])
+    buckets = group_by_device_and_dtype([local[i] for i in exact])
     for (_, _), (group, pos) in buckets.items():
         # optax: jnp.mean(abs_sq(u)); one temporary the size of the largest gradient
         means = torch.stack([torch.mean(g * g) if g.numel() else g.new_zeros(()) for g in group])
         bucket([exact[k] for k in pos], means.sqrt())
         squares.append(torch.stack(
             torch._foreach_mul(list(means.unbind(0)), [float(g.numel()) for g in group])))
-    _divide_(local, denoms, foreach)  # type: ignore[arg-type]
+    div_list_(local, denoms, foreach)  # type: ignore[arg-type]
     total_sq = torch.cat([sq.to(device=groups.device, dtype=groups.norm_dtype) for sq in squares])
     return total_sq.sum().sqrt()
-
-
-def _divide_(tensors: list[Tensor], denoms: list[Tensor], foreach: bool | None) -> None:
-    """``tensors[i] /= denoms[i]`` (0-d, ``>= 1``); on CPU only where ``denoms[i] > 1``."""
-    pairs = list(zip(tensors, denoms, strict=True))
-    if all(t.device.type == "cpu" and d.device.type == "cpu" for t, d in pairs):
-        divide = torch.logical_not(torch.stack([d.double() for d in denoms]) <= 1).tolist()
-        pairs = [pair for pair, k in zip(pairs, divide, strict=True) if k]  # NaN divides
-    if not pairs:
-        return
-    grouped = _norms._group_by_device_and_dtype([t for t, _ in pairs])
-    for (device, _), (group, idx) in grouped.items():
-        ds = [pairs[i][1].to(device) for i in idx]
-        if _norms._foreach_ok(group, device, foreach):
-            torch._foreach_div_(group, ds)
-        else:
-            for g, d in zip(group, ds, strict=True):
-                g.div_(d)
 
 
 @torch.no_grad()
@@ -380,104 +360,24 @@ def clip_grad_agc_(
     """
     limit = check_clip_threshold(clipping, "clipping", positive=True)
     eps = check_threshold(eps, "eps")
-    every = _norms.as_tensor_list(parameters)
-    grads = _norms.get_grads(every)
+    every = as_tensor_list(parameters)
+    grads = get_grads(every)
     if not grads:
         return torch.tensor(0.0)
     params = [p for p in every if p.grad is not None]
-    g_groups = _norms.TensorGroups(grads, validate=False)  # get_grads validated
+    g_groups = TensorGroups(grads, validate=False)  # get_grads validated
     g_groups.writable()
     g_local = g_groups.local
-    w_local, _ = _norms._localize(params)  # read under no_grad: no detach needed
-    units = AgcUnits(g_local, g_groups.shards)
+    w_local, _ = localize(params)  # read under no_grad: no detach needed
+    units = UnitNorms(g_local, g_groups.shards)
     g_norms = units.norms(g_local)
-    w_norms = units.norms(w_local)
-    coefs = []
-    for gn, wn in zip(g_norms, w_norms, strict=True):
-        max_norm = wn.clamp_min(eps) * (_on(limit, wn) if isinstance(limit, Tensor) else limit)
-        coefs.append(torch.where(gn > max_norm, max_norm / gn, 1.0))
+    coefs = agc_coefficients(g_norms, units.norms(w_local), limit, eps)
     units.mul_(g_local, coefs)
     return units.total(g_norms, g_groups.device)
 
 
-class AgcUnits:
-    """Unit-wise norms and scaling of a fixed list of tensors, by groups of equal shapes.
+class AgcUnits(UnitNorms):
+    """Transitional name of :class:`gradguard.engine.units.UnitNorms` for the Guard's
+    current step (removed when the Guard moves to ``gradguard.guard``)."""
 
-    Units are rows along dim 0 (PyTorch layout). DTensor shards are completed into whole
-    units where a unit is split across ranks (vectors, or weights sharded along a dim other
-    than 0); FSDP2 shards rows along dim 0, so its matrices need no communication.
-
-    Args:
-        local: the tensors (local shards for DTensors).
-        shards: which of them are DTensor shards, as from ``TensorGroups.shards``.
-    """
-
-    def __init__(self, local: Sequence[Tensor], shards: dict[int, _norms._ShardInfo]) -> None:
-        self.groups = _norms.unit_groups(local)
-        self.shards = shards
-        self.ndims = [t.ndim for t in local]
-        self.all_cpu = all(t.device.type == "cpu" for t in local)
-
-    def norms(self, tensors: Sequence[Tensor]) -> list[Tensor]:
-        """Stacked unit norms per group (whole units, fp32 accumulation)."""
-        norms = _norms.grouped_unit_norms(tensors, self.groups)
-        if self.shards:
-            norms = self._complete(norms, tensors)
-        return norms
-
-    def _complete(self, norms: list[Tensor], tensors: Sequence[Tensor]) -> list[Tensor]:
-        out = []
-        for idx, n in zip(self.groups, norms, strict=True):
-            rows = list(n.unbind(0))
-            for k, i in enumerate(idx):
-                info = self.shards.get(i)
-                if info is None:
-                    continue
-                dims = [
-                    d for d, td in zip(info.mesh_dims, info.tensor_dims, strict=True)
-                    if tensors[i].ndim < 2 or td != 0  # rows split along dim 0 stay whole
-                ]
-                if dims:
-                    sq = rows[k] * rows[k]
-                    for d in dims:
-                        _norms._all_reduce(sq, 2.0, info.mesh.get_group(d))
-                    rows[k] = sq.sqrt()
-            out.append(torch.stack(rows))
-        return out
-
-    def total(self, norms: list[Tensor], device: torch.device) -> Tensor:
-        """The L2 norm of all tensors from their (whole) unit norms."""
-        if not self.shards:
-            sq = [n.square().sum().reshape(1).to(device) for n in norms]
-            return torch.cat(sq).sum().sqrt()
-        per_tensor: list[Tensor | None] = [None] * len(self.ndims)
-        for idx, n in zip(self.groups, norms, strict=True):
-            for i, rows in zip(idx, n.unbind(0), strict=True):
-                per_tensor[i] = torch.linalg.vector_norm(rows).to(device)
-        # A matrix sharded by rows holds a subset of its units on each rank: sum over ranks.
-        row_sharded = {}
-        for i, info in self.shards.items():
-            dims = tuple(
-                d for d, td in zip(info.mesh_dims, info.tensor_dims, strict=True) if td == 0
-            )
-            if self.ndims[i] >= 2 and dims:
-                row_sharded[i] = _norms._ShardInfo(info.mesh, dims, (0,) * len(dims))
-        full = _norms._reduce_shard_norms(torch.stack(per_tensor), row_sharded, 2.0)  # type: ignore[arg-type]
-        return torch.linalg.vector_norm(full)
-
-    def mul_(self, tensors: Sequence[Tensor], coefs: list[Tensor]) -> None:
-        """Scale each unit by its coefficient; on CPU only the tensors with a clipped unit."""
-        sel_t: list[Tensor] = []
-        sel_c: list[Tensor] = []
-        for idx, c in zip(self.groups, coefs, strict=True):
-            rows = c.unbind(0)
-            if self.all_cpu:
-                clipped = (c < 1).reshape(len(idx), -1).any(dim=1).tolist()
-                idx_rows = [(i, r) for i, r, k in zip(idx, rows, clipped, strict=True) if k]
-            else:
-                idx_rows = list(zip(idx, rows, strict=True))
-            for i, r in idx_rows:
-                sel_t.append(tensors[i])
-                sel_c.append(r)
-        if sel_t:
-            _norms._mul_list_(sel_t, sel_c, None)
+    _complete = UnitNorms.complete
