@@ -31,7 +31,8 @@ from torch import nn
 
 import gradguard as gg
 from gradguard import distributed as ggd
-from gradguard.events import read_jsonl
+from gradguard.log.readback import read_jsonl
+from gradguard.monitor.detectors import describe_origin
 from gradguard.remedies import Remedies, Rollback
 from gradguard.thresholds import StepNorms, ThresholdPolicy
 
@@ -726,21 +727,6 @@ def test_example_runs_under_torchrun():
 # --------------------------------------------------------------------------------------
 
 
-def test_rank_paths_and_sinks_for_rank():
-    assert ggd.rank_path("logs/run.jsonl", 0) == "logs/run.jsonl"
-    assert ggd.rank_path("logs/run.jsonl", 3) == os.path.join("logs", "run.rank3.jsonl")
-    assert ggd.rank_path(Path("a/run.csv"), 1) == Path("a/run.rank1.csv")
-    fn = lambda kind, payload: None  # noqa: E731
-    sinks = ["run.jsonl", "console", "tensorboard:tb", fn]
-    assert ggd.sinks_for_rank(sinks, "zero", 0) == sinks
-    assert ggd.sinks_for_rank(sinks, "zero", 2) == []
-    assert ggd.sinks_for_rank(sinks, "all", 2) == [
-        "run.rank2.jsonl", "console", f"tensorboard:{os.path.join('tb', 'rank2')}", fn]
-    assert ggd.sinks_for_rank("run.csv", "all", 1) == ["run.rank1.csv"]
-    with pytest.raises(ValueError, match="log_ranks"):
-        ggd.sinks_for_rank(sinks, "some", 1)
-
-
 def test_guard_arguments_without_torch_distributed():
     model = _model()
     with pytest.raises(ValueError, match="log_ranks"):
@@ -819,7 +805,7 @@ def test_origin_prefers_pre_reduction_evidence():
     info = sync.origin(torch.tensor([0.0, 0.0, ggd.LOCAL_NONFINITE, 0.0]))
     assert info["first_rank"] == 2 and info["evidence"] == "local"
     assert sync.origin(torch.zeros(4))["first_rank"] is None
-    assert "rank 2" in ggd.describe_origin(info)
+    assert "rank 2" in describe_origin(info)
 
 
 @pytest.mark.parametrize("nonfinite", ["zero", "ignore"])

@@ -3,6 +3,7 @@
 The public API lives here; everything else is an implementation module.
 """
 
+from gradguard._version import __version__
 from gradguard.clip import (
     clip_grad_agc_,
     clip_grad_block_rms_,
@@ -11,16 +12,14 @@ from gradguard.clip import (
     clip_grad_value_,
     clip_grads_with_norm_,
 )
-from gradguard.events import Event
 from gradguard.guard import Guard, NonFiniteGradientError
 from gradguard.init import InitReport, activation_gain, init_model
-from gradguard.monitor import Monitor
+from gradguard.log.events import Event
+from gradguard.monitor.monitor import Monitor
 from gradguard.norms import get_total_norm, tensor_norms, total_norm, unit_norms
 from gradguard.probe import FixResult, ProbeReport, probe
 from gradguard.remedies import LRBackoff, Remedies, Rollback, TrainingDiverged
 from gradguard.thresholds import AGC, AdaGC, Auto, AutoClip, Fixed, ThresholdPolicy, ZClip
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AGC",

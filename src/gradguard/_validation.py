@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 
 import torch
 
-__all__ = ["check_clip_threshold", "check_fraction", "check_int", "check_threshold"]
+__all__ = [
+    "check_clip_threshold",
+    "check_fraction",
+    "check_int",
+    "check_open_interval",
+    "check_str_sequence",
+    "check_threshold",
+]
 
 
 def check_threshold(
@@ -104,3 +112,45 @@ def check_fraction(value: object, name: str) -> float:
     if not 0.0 <= v < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {value!r}")
     return v
+
+
+def check_open_interval(value: object, name: str, low: float, high: float) -> float:
+    """Validate a real number strictly between ``low`` and ``high`` (NaN is refused).
+
+    Args:
+        value: the number given by the user.
+        name: the argument name, for the error message.
+        low: the exclusive lower bound (may be ``-inf``).
+        high: the exclusive upper bound (may be ``inf``: then ``inf`` itself is refused).
+
+    Returns:
+        ``value`` as a float.
+
+    Raises:
+        TypeError: if ``value`` is not a real number.
+        ValueError: if it is not in ``(low, high)``.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    v = float(value)
+    if not low < v < high:
+        raise ValueError(f"{name} must be in ({low:g}, {high:g}), got {value!r}")
+    return v
+
+
+def check_str_sequence(value: object, name: str) -> list[str]:
+    """Validate a sequence of str (not a str itself, which is a sequence of characters).
+
+    Returns:
+        The strings, as a new list.
+
+    Raises:
+        TypeError: if ``value`` is not a sequence or one of its items is not a str (naming
+            the item, e.g. ``names[1]``).
+    """
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be a sequence of str, got {type(value).__name__}")
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise TypeError(f"{name}[{i}] must be a str, got {type(item).__name__} {item!r}")
+    return list(value)

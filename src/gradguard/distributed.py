@@ -57,10 +57,8 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -72,18 +70,14 @@ from gradguard import norms as _norms
 __all__ = [
     "GRAD_NONFINITE",
     "LOCAL_NONFINITE",
-    "LOG_RANKS",
     "LOSS_NONFINITE",
     "LOSS_OBSERVED",
     "OVERFLOW",
     "CollectiveCounter",
     "GuardSync",
     "Measured",
-    "describe_origin",
     "is_distributed",
-    "rank_path",
     "register_nonfinite_hook",
-    "sinks_for_rank",
 ]
 
 #: Bits of a rank's code in the packed vector.
@@ -93,73 +87,12 @@ LOCAL_NONFINITE = 4  # the gradients (shards) it held at the Guard step were NaN
 LOSS_OBSERVED = 8  # it called observe_loss since the last step
 OVERFLOW = 16  # a fused optimizer's GradScaler flag said overflow
 
-#: Values of ``Guard(log_ranks=...)``.
-LOG_RANKS = ("zero", "all")
-
 _COLLECTIVE_NAMESPACES = ("c10d", "_c10d_functional", "c10d_functional")
 
 
 def is_distributed() -> bool:
     """Whether ``torch.distributed`` is available and initialised."""
     return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-# --------------------------------------------------------------------------------------
-# Sinks: rank 0 by default, per-rank files as an option
-# --------------------------------------------------------------------------------------
-
-
-def rank_path(path: str | os.PathLike[str], rank: int) -> str | os.PathLike[str]:
-    """``run.jsonl`` -> ``run.rank1.jsonl`` (rank 0 keeps the name it was given).
-
-    Args:
-        path: a file path.
-        rank: the rank.
-
-    Returns:
-        The path for ``rank``, of the same type (str or Path).
-    """
-    if rank == 0:
-        return path
-    p = Path(path)
-    out = p.with_name(f"{p.stem}.rank{rank}{p.suffix}")
-    return str(out) if isinstance(path, str) else out
-
-
-def _rank_spec(spec: Any, rank: int) -> Any:
-    if isinstance(spec, (str, os.PathLike)):
-        s = os.fspath(spec)
-        if s.startswith("tensorboard:"):
-            return f"tensorboard:{os.path.join(s[len('tensorboard:'):], f'rank{rank}')}"
-        if s.lower().endswith((".jsonl", ".csv")):
-            return rank_path(spec, rank)
-    return spec  # "console" (lines carry the rank), callables and sink objects: as given
-
-
-def sinks_for_rank(sinks: Any, log_ranks: str, rank: int) -> Any:
-    """The sinks a rank writes to.
-
-    Args:
-        sinks: the Guard's ``sinks`` argument.
-        log_ranks: ``"zero"``: only rank 0 writes (every sink is dropped on the others; their
-            monitor still runs, for the remedies); ``"all"``: every rank writes, files get
-            per-rank names (``run.jsonl``, ``run.rank1.jsonl``, ...; TensorBoard directories
-            a ``rank<r>`` subdirectory).
-        rank: this rank.
-
-    Returns:
-        The sink specs for this rank.
-    """
-    if log_ranks not in LOG_RANKS:
-        raise ValueError(f"log_ranks must be one of {LOG_RANKS}, got {log_ranks!r}")
-    if rank == 0:
-        return sinks
-    if log_ranks == "zero":
-        return []
-    single = (str, bytes, os.PathLike)
-    if isinstance(sinks, single) or callable(sinks) or hasattr(sinks, "write_event"):
-        sinks = [sinks]
-    return [_rank_spec(s, rank) for s in sinks]
 
 
 # --------------------------------------------------------------------------------------
@@ -784,20 +717,6 @@ class GuardSync:
             first, evidence = None, "unknown"
         return {"first_rank": first, "evidence": evidence, "loss_ranks": loss,
                 "gradient_ranks": grad, "local_ranks": local, "world_size": self.world}
-
-
-def describe_origin(info: dict[str, Any]) -> str:
-    """A phrase for event messages: where a non-finite step came from."""
-    first = info["first_rank"]
-    n = info["world_size"]
-    if first is None:
-        return f"skipped on all {n} ranks"
-    why = {
-        "loss": "its loss was non-finite",
-        "gradient": "its own gradient was non-finite before the all-reduce",
-        "local": "its gradients were non-finite at the Guard step",
-    }[info["evidence"]]
-    return f"first seen on rank {first} ({why}); every one of the {n} ranks took the same decision"
 
 
 class _UnitCompletion:

@@ -33,8 +33,10 @@ from torch import Tensor, nn
 from gradguard import distributed as _dist
 from gradguard import norms as _norms
 from gradguard.clip import AgcUnits
-from gradguard.events import Event
+from gradguard.log.events import Event
+from gradguard.log.sinks import LOG_RANKS, sinks_for_rank
 from gradguard.monitor import FIELDS, Monitor
+from gradguard.monitor.detectors import describe_origin
 from gradguard.remedies import Remedies
 from gradguard.thresholds import StepNorms, ThresholdPolicy, make_policy
 
@@ -117,7 +119,7 @@ class Guard:
             Whatever the choice, the policy's statistics never absorb a non-finite value.
         norm_type: the order p of the norms (2 by default).
         log_every: steps between monitor flushes (the one host transfer of the monitor).
-        sinks: where records and events go (see :func:`gradguard.events.make_sink`): a path
+        sinks: where records and events go (see :func:`gradguard.log.sinks.make_sink`): a path
             ``*.jsonl``/``*.csv``, ``"console"``, ``"tensorboard:DIR"``, a callable, a Sink,
             or a list of them. Default: ``"console"`` (events only, on stderr).
         monitor: keep per-layer statistics (``False`` turns the monitor off).
@@ -178,8 +180,8 @@ class Guard:
             raise ValueError(f"clip='agc' uses L2 unit norms; got norm_type={norm_type!r}")
         self.scaler = scaler
         self.process_group = process_group
-        if log_ranks not in _dist.LOG_RANKS:
-            raise ValueError(f"log_ranks must be one of {_dist.LOG_RANKS}, got {log_ranks!r}")
+        if log_ranks not in LOG_RANKS:
+            raise ValueError(f"log_ranks must be one of {LOG_RANKS}, got {log_ranks!r}")
         self.log_ranks = log_ranks
         self.step_count = 0  # Guard steps taken (observed or not)
         self._device = self.params[0].device
@@ -194,7 +196,7 @@ class Guard:
         self._sync = _dist.GuardSync.create(sync_group, norm_type=self.norm_type,
                                             device=self._device, process_group=process_group)
         if _dist.is_distributed() and torch.distributed.get_world_size() > 1:
-            sinks = _dist.sinks_for_rank(sinks, log_ranks, _rank(process_group))
+            sinks = sinks_for_rank(sinks, log_ranks, _rank(process_group))
         if monitor:
             options = dict(monitor_options or {})
             options.setdefault("host_nonfinite_events", nonfinite in ("skip", "raise"))
@@ -444,7 +446,7 @@ class Guard:
                 bad = self._nonfinite_names(norms, present)
                 if self.nonfinite == "raise":
                     where = ("" if measured is None else
-                             "; " + _dist.describe_origin(self._sync.origin(measured.codes)))
+                             "; " + describe_origin(self._sync.origin(measured.codes)))
                     raise NonFiniteGradientError(
                         f"step {step_no}: non-finite gradient in {', '.join(bad[:5])}"
                         f"{' and more' if len(bad) > 5 else ''}{where}. Lower the learning rate, "
@@ -566,7 +568,7 @@ class Guard:
                 assert self._sync is not None
                 data.update(self._sync.origin(measured.codes))
                 rank = data["first_rank"] if data["first_rank"] is not None else rank
-                where = "; " + _dist.describe_origin(data)
+                where = "; " + describe_origin(data)
             event = Event(
                 step=step_no, kind="nonfinite",
                 message=(f"non-finite gradient in {', '.join(bad[:5])}"

@@ -40,7 +40,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gradguard._validation import check_int
-from gradguard.events import CallbackSink, Event
+from gradguard.log.events import Event
+from gradguard.log.sinks import CallbackSink
 
 if TYPE_CHECKING:
     from gradguard.guard import Guard
