@@ -122,3 +122,26 @@ def test_probe_input_check_leaves_the_model_as_it_was(zoo, capsys, monkeypatch):
     assert seen["modes"] == [True, True, True, False]
     for k, v in before.items():
         assert torch.equal(seen["state"][k], v), k
+
+
+def test_cli_probe_and_fix(tmp_path, capsys) -> None:
+    from gradguard.cli import main
+
+    src = tmp_path / "zoo.py"
+    src.write_text(
+        "import torch.nn as nn\n"
+        "def deep():\n"
+        "    layers = []\n"
+        "    for _ in range(20):\n"
+        "        layers += [nn.Linear(32, 32), nn.ReLU()]\n"
+        "    return nn.Sequential(*layers, nn.Linear(32, 4))\n")
+    out = tmp_path / "fixed.pt"
+    code = main(["probe", f"{src}:deep", "--input-shape", "128", "32", "--fix", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0
+    assert "VANISHING" in text and "healthy" in text and "bwd cum" in text
+    state = torch.load(out)
+    assert len(state) == 42 and state["0.weight"].shape == (32, 32)
+    code = main(["probe", f"{src}:deep", "--input-shape", "128", "32"])
+    assert code == 1
+    assert main(["probe", f"{src}:missing", "--input-shape", "4", "32"]) == 2

@@ -13,12 +13,13 @@ from gradguard.clip import (
     clip_grads_with_norm_,
 )
 from gradguard.guard import Guard, NonFiniteGradientError
-from gradguard.init import InitReport, activation_gain, init_model
 from gradguard.log.events import Event
 from gradguard.monitor.monitor import Monitor
 from gradguard.norms import get_total_norm, tensor_norms, total_norm, unit_norms
-from gradguard.probe import FixResult, ProbeReport, probe
 from gradguard.remedies import LRBackoff, Remedies, Rollback, TrainingDiverged
+from gradguard.signal.activations import activation_gain
+from gradguard.signal.initialize import InitReport, init_model
+from gradguard.signal.probe import FixResult, ProbeReport, probe
 from gradguard.thresholds import AGC, AdaGC, Auto, AutoClip, Fixed, ThresholdPolicy, ZClip
 
 __all__ = [

@@ -1,4 +1,5 @@
-"""Tests for gradguard.probe: the panel of verdicts, the fix, side-effect freedom, the CLI."""
+"""Tests for gradguard.signal.probe: the panel of verdicts, the fix and what it does to
+training, recurrent models, the report, bad input."""
 
 from __future__ import annotations
 
@@ -12,88 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradguard import init_model, probe
-
-VERDICTS = ("healthy", "exploding", "vanishing")  # the public contract of report.verdict
-
-WIDTH = 64
-
-
-
-# --------------------------------------------------------------------------------------
-# The panel
-# --------------------------------------------------------------------------------------
-
-
-def mlp(depth: int, act: type[nn.Module], init=None, width: int = WIDTH, d_in: int = 64,
-        seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    d = d_in
-    for _ in range(depth):
-        lin = nn.Linear(d, width)
-        if init is not None:
-            init(lin)
-        layers += [lin, act()]
-        d = width
-    return nn.Sequential(*layers, nn.Linear(d, 10))
-
-
-def he(scale: float = 1.0):
-    def f(lin: nn.Linear) -> None:
-        nn.init.kaiming_normal_(lin.weight, nonlinearity="relu")
-        with torch.no_grad():
-            lin.weight.mul_(scale)
-        nn.init.zeros_(lin.bias)
-    return f
-
-
-def gain(g: float, orthogonal: bool = False):
-    def f(lin: nn.Linear) -> None:
-        (nn.init.orthogonal_ if orthogonal else nn.init.xavier_normal_)(lin.weight, gain=g)
-        nn.init.zeros_(lin.bias)
-    return f
-
-
-class Block(nn.Module):
-    """A residual block written as a custom module, with a functional ReLU."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(width, width)
-        self.fc2 = nn.Linear(width, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.fc2(F.relu(self.fc1(x)))
-
-
-def resmlp(blocks: int = 20, width: int = WIDTH, seed: int = 0) -> nn.Sequential:
-    """Residual MLP with He on both layers of every branch."""
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(64, width), *[Block(width) for _ in range(blocks)],
-                          nn.Linear(width, 10))
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-            nn.init.zeros_(m.bias)
-    return model
+from signal_utils import PANEL, VERDICTS, gain, he, mlp, probe_batch, resmlp
 
 
 @pytest.fixture(scope="module")
 def x() -> torch.Tensor:
-    return torch.randn(256, 64, generator=torch.Generator().manual_seed(1))
-
-
-PANEL = {
-    "relu_default_20": (lambda: mlp(20, nn.ReLU), "vanishing"),
-    "relu_he_20": (lambda: mlp(20, nn.ReLU, he()), "healthy"),
-    "relu_1.2he_50": (lambda: mlp(50, nn.ReLU, he(1.2)), "exploding"),
-    "tanh_5/3_100": (lambda: mlp(100, nn.Tanh, gain(5 / 3)), "exploding"),
-    "tanh_orth1_20": (lambda: mlp(20, nn.Tanh, gain(1.0, True)), "healthy"),
-    "tanh_orth1_50": (lambda: mlp(50, nn.Tanh, gain(1.0, True)), "healthy"),
-    "sigmoid_30": (lambda: mlp(30, nn.Sigmoid), "vanishing"),
-    "gelu_he_100": (lambda: mlp(100, nn.GELU, he()), "vanishing"),
-    "residual_he_20": (lambda: resmlp(20), "exploding"),
-}
+    return probe_batch()
 
 
 @pytest.mark.parametrize("name", list(PANEL))
@@ -126,36 +51,6 @@ def test_default_relu_numbers(x: torch.Tensor) -> None:
     assert linears[-2].spread < 1e-6
 
 
-def test_chaotic_tanh_numbers(x: torch.Tensor) -> None:
-    """The issue's figure: tanh at 5/3 grows ~1.1x per layer, ~1e4 over 100 layers."""
-    report = probe(mlp(100, nn.Tanh, gain(5 / 3)), x)
-    assert report.direction == "backward"
-    assert 1.07 < report.rate < 1.14
-    assert 3e3 < report.backward_gain < 1e5
-    cause = report.causes[0]
-    assert cause.code == "chaotic_tanh"
-    chis = [lay.chi for lay in report.layers if lay.chi is not None]
-    assert statistics_median(chis) == pytest.approx(1.2, abs=0.06)
-
-
-def statistics_median(v: list[float]) -> float:
-    v = sorted(v)
-    return v[len(v) // 2]
-
-
-def test_relu_gain_and_gelu_and_sigmoid_causes(x: torch.Tensor) -> None:
-    r = probe(mlp(50, nn.ReLU, he(1.2)), x)
-    assert r.causes[0].code == "relu_gain" and r.rate == pytest.approx(1.2, abs=0.06)
-    assert r.direction == "both"
-    g = probe(mlp(100, nn.GELU, he()), x)
-    assert g.causes[0].code == "no_stable_fixed_point"
-    assert g.rate == pytest.approx(math.sqrt(2) * 0.5, abs=0.03)  # sqrt(2) * gelu'(0)
-    s = probe(mlp(30, nn.Sigmoid), x)
-    assert s.causes[0].code == "sigmoid"
-    means = [lay.mean for lay in s.layers if lay.act == "sigmoid"]
-    assert statistics_median(means) == pytest.approx(0.5, abs=0.05)
-
-
 def test_residual_scaling_makes_it_healthy(x: torch.Tensor) -> None:
     bad = probe(resmlp(20), x)
     assert bad.causes[0].code == "residual_growth" and bad.n_residual_branches == 20
@@ -171,13 +66,6 @@ def test_residual_scaling_makes_it_healthy(x: torch.Tensor) -> None:
     report = probe(model, x)
     assert any(lay.gated for lay in report.layers)
     assert any("gated" in n for n in report.notes)
-
-
-def test_residual_blocks_as_chosen_modules(x: torch.Tensor) -> None:
-    report = probe(resmlp(20), x, modules=Block)
-    assert [lay.type for lay in report.layers] == ["Block"] * 20
-    assert report.verdict == "exploding"
-    assert report.rate == pytest.approx(math.sqrt(3), rel=0.1)  # 1 + Var(branch)/Var(stream)
 
 
 FIXABLE = ["relu_default_20", "relu_1.2he_50", "tanh_5/3_100", "sigmoid_30", "gelu_he_100",
@@ -232,11 +120,6 @@ def test_fix_on_healthy_is_a_no_op(x: torch.Tensor) -> None:
     result = probe(model, x).fix(model)
     assert result.init is None and result.after is result.before
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-
-
-# --------------------------------------------------------------------------------------
-# Trains better after the fix (scikit-learn digits)
-# --------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -305,6 +188,8 @@ TRAIN_FAST = {
     "relu_default_20": (lambda: mlp(20, nn.ReLU, width=32), "adam", 1e-3, 1.0),
     "residual_he_20": (lambda: resmlp(20, width=32), "sgd", 0.01, 1.0),
 }
+
+
 TRAIN_SLOW = {
     "relu_1.2he_50": (lambda: mlp(50, nn.ReLU, he(1.2), width=32), "adam", 1e-3, 0.5),
     "tanh_5/3_100": (lambda: mlp(100, nn.Tanh, gain(5 / 3), width=32), "sgd", 0.005, 1.0),
@@ -326,57 +211,6 @@ def test_trains_better_after_fix_slow(name: str, digits) -> None:
     verdict, before, after = _before_after(TRAIN_SLOW[name], digits)
     assert verdict != "healthy"
     assert after < before - TRAIN_SLOW[name][3], (before, after)
-
-
-# --------------------------------------------------------------------------------------
-# No side effects
-# --------------------------------------------------------------------------------------
-
-
-class BNNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(inplace=True),
-                                 nn.Dropout(0.3), nn.Linear(32, 4))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-@pytest.mark.parametrize("train", [True, False])
-def test_probe_has_no_side_effects(train: bool) -> None:
-    torch.manual_seed(0)
-    model = BNNet()
-    model.net[0].weight.grad = torch.full_like(model.net[0].weight, 7.0)
-    model.eval()
-    model.net[3].train()  # mixed modes must come back exactly
-    modes = [m.training for m in model.modules()]
-    state = copy.deepcopy(model.state_dict())
-    grad = model.net[0].weight.grad.clone()
-    inp = torch.randn(32, 16)
-    inp_copy = inp.clone()
-    torch.manual_seed(123)
-    rng = torch.get_rng_state()
-    report = probe(model, inp, train=train, loss_fn=lambda out: out.pow(2).mean())
-    assert torch.equal(torch.get_rng_state(), rng)
-    assert [m.training for m in model.modules()] == modes
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, state[k]), k  # includes BN running stats and counters
-    assert torch.equal(model.net[0].weight.grad, grad)
-    assert all(p.grad is None for n, p in model.named_parameters() if n != "net.0.weight")
-    assert torch.equal(inp, inp_copy)
-    assert report.layers[1].type == "BatchNorm1d"
-
-
-def test_probe_is_deterministic(x: torch.Tensor) -> None:
-    model = mlp(10, nn.ReLU)
-    a, b = probe(model, x), probe(model, x)
-    assert [lay.bwd_cum for lay in a.layers] == [lay.bwd_cum for lay in b.layers]
-
-
-# --------------------------------------------------------------------------------------
-# Architectures
-# --------------------------------------------------------------------------------------
 
 
 def test_lstm_default_completes() -> None:
@@ -422,68 +256,6 @@ def test_rnn_gru_and_time_gain() -> None:
     assert report.layers[0].time_gain > 20
 
 
-def test_transformer_encoder_hooks_fire_in_train_and_eval() -> None:
-    torch.manual_seed(0)
-    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 3)
-    src = torch.randn(4, 10, 32)
-    for train in (True, False):
-        enc.train(not train)
-        report = probe(enc, src, train=train)
-        types = [lay.type for lay in report.layers]
-        assert types.count("MultiheadAttention") == 3  # the fused fast path was not taken
-        assert types.count("LayerNorm") == 6 and types.count("F.relu") == 3
-        assert report.n_residual_branches == 6
-        assert report.verdict == "healthy"
-        assert enc.training is (not train)
-
-
-def test_cnn_with_inplace_relu_and_pooling() -> None:
-    torch.manual_seed(0)
-    cnn = nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
-        nn.MaxPool2d(2), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(inplace=True),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
-    report = probe(cnn, torch.randn(32, 1, 8, 8))
-    conv = [lay for lay in report.layers if lay.type == "Conv2d"]
-    assert len(conv) == 2 and all(lay.weight_gain == pytest.approx(0.577, rel=0.1) for lay in conv)
-    relu = [lay for lay in report.layers if lay.act == "relu"]
-    assert all(lay.dead is not None for lay in relu)
-    assert report.layers[0].follow == "relu"  # through BatchNorm
-
-
-def test_zero_initialised_head() -> None:
-    model = mlp(8, nn.ReLU, he())
-    nn.init.zeros_(model[-1].weight)
-    nn.init.zeros_(model[-1].bias)
-    report = probe(model, torch.randn(64, 64))
-    assert report.verdict == "healthy"
-    linears = [lay for lay in report.layers if lay.type == "Linear"]
-    assert all(lay.bwd_cum and lay.bwd_cum > 0.05 for lay in linears[:-1])
-    assert linears[-1].bwd_gain == 0.0
-    assert any("zero-initialised" in n for n in report.notes)
-
-
-def test_batches_and_kwargs() -> None:
-    model = mlp(5, nn.Tanh)
-    xs = [torch.randn(32, 64) for _ in range(3)]
-    r1 = probe(model, xs, n_batches=2)
-    r2 = probe(model, xs[0], n_batches=2)
-    assert r1.verdict == r2.verdict
-    first_two = probe(model, xs[:2], n_batches=2)  # the third batch is not used
-    assert [lay.bwd_cum for lay in r1.layers] == [lay.bwd_cum for lay in first_two.layers]
-    assert [lay.bwd_cum for lay in r1.layers] != [lay.bwd_cum for lay in r2.layers]
-
-    class KW(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lin = nn.Linear(4, 4)
-
-        def forward(self, a: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-            return self.lin(a) * scale
-
-    assert probe(KW(), {"a": torch.randn(8, 4), "scale": 2.0}).verdict == "healthy"
-
-
 def test_bad_input() -> None:
     model = mlp(2, nn.ReLU)
     with pytest.raises(TypeError, match="model"):
@@ -512,74 +284,7 @@ def test_report_output_formats(x: torch.Tensor) -> None:
 
 
 def test_hundred_layer_mlp_completes(x: torch.Tensor) -> None:
-    """A 100-layer MLP probes through (its speed is measured in benchmarks/bench_probe.py)."""
+    """A 100-layer MLP probes through (its speed is measured in perf/bench_probe.py)."""
     report = probe(mlp(100, nn.ReLU, he()), x)
     assert len([lay for lay in report.layers if lay.type == "Linear"]) == 101
     assert report.verdict in VERDICTS and all(lay.bwd_cum is not None for lay in report.layers)
-
-
-def test_cli_probe_and_fix(tmp_path, capsys) -> None:
-    from gradguard.cli import main
-
-    src = tmp_path / "zoo.py"
-    src.write_text(
-        "import torch.nn as nn\n"
-        "def deep():\n"
-        "    layers = []\n"
-        "    for _ in range(20):\n"
-        "        layers += [nn.Linear(32, 32), nn.ReLU()]\n"
-        "    return nn.Sequential(*layers, nn.Linear(32, 4))\n")
-    out = tmp_path / "fixed.pt"
-    code = main(["probe", f"{src}:deep", "--input-shape", "128", "32", "--fix", str(out)])
-    text = capsys.readouterr().out
-    assert code == 0
-    assert "VANISHING" in text and "healthy" in text and "bwd cum" in text
-    state = torch.load(out)
-    assert len(state) == 42 and state["0.weight"].shape == (32, 32)
-    code = main(["probe", f"{src}:deep", "--input-shape", "128", "32"])
-    assert code == 1
-    assert main(["probe", f"{src}:missing", "--input-shape", "4", "32"]) == 2
-
-
-def test_probe_handles_packed_sequences():
-    class Packed(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.rnn = nn.LSTM(8, 16, batch_first=True)
-            self.fc = nn.Linear(16, 1)
-
-        def forward(self, x, lengths):
-            packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True,
-                                                       enforce_sorted=False)
-            _, (h, _) = self.rnn(packed)
-            return self.fc(h[-1])
-
-    torch.manual_seed(0)
-    report = probe(Packed(), (torch.randn(4, 6, 8), torch.tensor([6, 3, 5, 2])))
-    assert report.verdict in VERDICTS
-
-
-def test_rnn_time_gain_uses_the_input_sequence_not_the_initial_state():
-    class Seq2Seq(nn.Module):
-        def __init__(self, detach: bool) -> None:
-            super().__init__()
-            self.detach = detach
-            self.enc = nn.GRU(8, 32, batch_first=True)
-            self.dec = nn.GRU(8, 32, batch_first=True)
-            self.fc = nn.Linear(32, 1)
-
-        def forward(self, src, tgt):
-            _, h = self.enc(src)
-            out, _ = self.dec(tgt, h.detach() if self.detach else h)
-            return self.fc(out)
-
-    src, tgt = torch.randn(4, 12, 8), torch.randn(4, 12, 8)
-    gains = []
-    for detach in (True, False):
-        torch.manual_seed(0)
-        report = probe(Seq2Seq(detach), (src, tgt), seed=0)
-        gains.append(next(lay.time_gain for lay in report.layers if lay.name == "dec"))
-    # the decoder's input gradient does not depend on whether h0 requires grad; with it,
-    # h0's gradient reaches backward first and must not be taken for the sequence's
-    assert gains[0] is not None
-    assert gains[1] == pytest.approx(gains[0], rel=1e-5)
