@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import gradguard as gg
-from gradguard.distributed import register_nonfinite_hook
+from gradguard.guard.sync import register_nonfinite_hook
 
 
 def main() -> None:

@@ -233,7 +233,7 @@ def _clip_rate_message(**kwargs) -> str:
 @pytest.mark.parametrize("name", sorted(_POLICY_REPRS))
 def test_high_clip_rate_advice_fits_the_policy(name):
     from gradguard.monitor import CLIP_RATE_ADVICE
-    from gradguard.thresholds import POLICIES, Fixed
+    from gradguard.policies import POLICIES, Fixed
 
     message = _clip_rate_message(meta={"policy": _POLICY_REPRS[name]})
     assert message.startswith("100% of steps 0-19 were clipped (alarm above 50%; last clip "

@@ -12,15 +12,25 @@ from gradguard.clip import (
     clip_grad_value_,
     clip_grads_with_norm_,
 )
-from gradguard.guard import Guard, NonFiniteGradientError
+from gradguard.engine.norms import get_total_norm, tensor_norms, total_norm
+from gradguard.engine.units import unit_norms
+from gradguard.guard.guard import Guard
+from gradguard.guard.remedies import LRBackoff, Remedies, Rollback, TrainingDiverged
+from gradguard.guard.step import NonFiniteGradientError
+from gradguard.guard.sync import register_nonfinite_hook
 from gradguard.log.events import Event
 from gradguard.monitor.monitor import Monitor
-from gradguard.norms import get_total_norm, tensor_norms, total_norm, unit_norms
-from gradguard.remedies import LRBackoff, Remedies, Rollback, TrainingDiverged
+from gradguard.policies.adagc import AdaGC
+from gradguard.policies.agc import AGC
+from gradguard.policies.auto import Auto
+from gradguard.policies.autoclip import AutoClip
+from gradguard.policies.base import StepNorms, ThresholdPolicy
+from gradguard.policies.fixed import Fixed
+from gradguard.policies.registry import make_policy
+from gradguard.policies.zclip import ZClip
 from gradguard.signal.activations import activation_gain
 from gradguard.signal.initialize import InitReport, init_model
 from gradguard.signal.probe import FixResult, ProbeReport, probe
-from gradguard.thresholds import AGC, AdaGC, Auto, AutoClip, Fixed, ThresholdPolicy, ZClip
 
 __all__ = [
     "AGC",
@@ -38,6 +48,7 @@ __all__ = [
     "ProbeReport",
     "Remedies",
     "Rollback",
+    "StepNorms",
     "ThresholdPolicy",
     "TrainingDiverged",
     "ZClip",
@@ -51,7 +62,9 @@ __all__ = [
     "clip_grads_with_norm_",
     "get_total_norm",
     "init_model",
+    "make_policy",
     "probe",
+    "register_nonfinite_hook",
     "tensor_norms",
     "total_norm",
     "unit_norms",

@@ -374,10 +374,3 @@ def clip_grad_agc_(
     coefs = agc_coefficients(g_norms, units.norms(w_local), limit, eps)
     units.mul_(g_local, coefs)
     return units.total(g_norms, g_groups.device)
-
-
-class AgcUnits(UnitNorms):
-    """Transitional name of :class:`gradguard.engine.units.UnitNorms` for the Guard's
-    current step (removed when the Guard moves to ``gradguard.guard``)."""
-
-    _complete = UnitNorms.complete

@@ -78,7 +78,7 @@ import torch
 from torch import Tensor, nn
 
 from gradguard import clip as _clip
-from gradguard import norms as _norms
+from gradguard.engine import norms as _norms
 
 __all__ = [
     "METHODS",
@@ -543,7 +543,7 @@ def _peer_autoclip(ctx: MethodContext, quantile: float) -> Controller:
 
 def policy_arg(arg: str | None) -> float | str:
     """A Guard ``clip=`` policy: a number (fixed threshold) or a policy name, validated by
-    :func:`gradguard.thresholds.make_policy`; default ``"auto"``."""
+    :func:`gradguard.policies.make_policy`; default ``"auto"``."""
     text = "auto" if arg is None else arg.strip()
     value: float | str
     try:
@@ -551,7 +551,7 @@ def policy_arg(arg: str | None) -> float | str:
     except ValueError:
         value = text
     try:
-        from gradguard.thresholds import make_policy
+        from gradguard.policies.registry import make_policy
     except ImportError:  # pragma: no cover - the Guard is not built yet
         return value
     try:

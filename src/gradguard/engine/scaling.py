@@ -45,6 +45,7 @@ __all__ = [
     "on_device",
     "strict_clip_coefficient",
     "torch_clip_coefficient",
+    "zero_nonfinite_",
 ]
 
 #: torch's guard against division by zero in ``clip_grad_norm_``, kept identical so that
@@ -222,3 +223,14 @@ def clamp_(groups: TensorGroups, value: float | Tensor, foreach: bool | None = N
         else:
             for g in group:
                 g.clamp_(min=lo, max=hi)
+
+
+def zero_nonfinite_(groups: TensorGroups) -> None:
+    """Replace NaN and +-inf entries of prepared tensors by 0, in place (no host read).
+
+    Raises:
+        TypeError: for ``Partial`` DTensors (see :meth:`TensorGroups.writable`).
+    """
+    groups.writable()
+    for g in groups.local:
+        g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)

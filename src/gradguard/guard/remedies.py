@@ -18,8 +18,14 @@ and every action it takes is an event in the Guard's log.
    ``loss_factor`` x the last clean interval's (or is non-finite). At most ``max_times``.
 4. **Abort** -- raise :class:`TrainingDiverged` saying what happened and what to try.
 
-The LR factor is applied inside the attached ``optimizer.step()`` for that step only and
-then undone, so LR schedulers never see it and keep their own schedule.
+:class:`Remedies` is a decision function: the Guard hands it each step's outcome
+(:meth:`Remedies.on_step`) and each monitor interval (:meth:`Remedies.on_interval`), and it
+returns an :class:`Action` -- the LR factor of the next update, a snapshot to take, a
+rollback, batches to skip, an abort, the events to log -- which the Guard applies. It holds
+no reference to the Guard, the monitor or any tensor; its state is a handful of host
+numbers (in ``state_dict``). The LR factor is applied inside the attached
+``optimizer.step()`` for that step only and then undone, so LR schedulers never see it and
+keep their own schedule.
 
 References:
     Chowdhery et al. 2022, "PaLM: Scaling Language Modeling with Pathways", Section 5.1,
@@ -28,25 +34,18 @@ References:
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import math
-import warnings
 from collections import deque
-from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
-
-import torch
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from gradguard._validation import check_int
 from gradguard.log.events import Event
-from gradguard.log.sinks import CallbackSink
+from gradguard.monitor.record import Interval
 
-if TYPE_CHECKING:
-    from gradguard.guard import Guard
-
-__all__ = ["LRBackoff", "Remedies", "Rollback", "TrainingDiverged"]
+__all__ = ["Action", "LRBackoff", "Remedies", "RemedyContext", "Rollback", "StepOutcome",
+           "TrainingDiverged"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -109,6 +108,58 @@ class Rollback:
             raise ValueError(f"loss_factor must be > 1 or None, got {self.loss_factor!r}")
 
 
+@dataclass(frozen=True)
+class StepOutcome:
+    """What became of one Guard step.
+
+    Attributes:
+        step: the step number.
+        skipped: ``None`` (the update goes through), ``"nonfinite"`` (skipped for
+            non-finite gradients), ``"rollback"`` (a batch skipped after a rollback) or
+            ``"dropped"`` (recorded, but its update dropped by a rollback decided during
+            this step).
+    """
+
+    step: int
+    skipped: str | None = None
+
+
+@dataclass(frozen=True)
+class RemedyContext:
+    """What the Guard tells its remedies once, when they are bound.
+
+    Attributes:
+        stats: the Guard's exact counters (``steps``, ``clipped``, ``nonfinite``,
+            ``skipped``; one host read), for the abort message.
+        monitored: the Guard has a monitor (LR backoff and rollback need its intervals).
+    """
+
+    stats: Callable[[], Mapping[str, int]]
+    monitored: bool = True
+
+
+@dataclass
+class Action:
+    """What the Guard must do after a step or an interval; the default does nothing.
+
+    Attributes:
+        lr_factor: the factor on every learning rate for the next updates (the Guard
+            applies it inside the attached ``optimizer.step()``, for that step only).
+        snapshot: take the rollback snapshot now (the state before this step's update).
+        restore: restore the snapshot now (a rollback); this step's update is dropped.
+        skip_next: skip this many following batches (``None``: keep the current count).
+        abort: raise :class:`TrainingDiverged` with this message once the step is logged.
+        events: events to log (``lr_backoff``, ``lr_restore``, ``rollback``, ``abort``).
+    """
+
+    lr_factor: float = 1.0
+    snapshot: bool = False
+    restore: bool = False
+    skip_next: int | None = None
+    abort: str | None = None
+    events: list[Event] = field(default_factory=list)
+
+
 class Remedies:
     """The remedy ladder (see the module docstring). Give it to ``Guard(remedies=...)``.
 
@@ -120,9 +171,15 @@ class Remedies:
         abort: raise :class:`TrainingDiverged` when the ladder is exhausted (``False``:
             keep skipping and logging).
 
+    Attributes:
+        lr_factor: the current factor on the learning rate (1 without a backoff).
+        backoffs, rollbacks: how many of each were done.
+        snapshot_step: the step whose pre-update state the Guard's snapshot holds (the
+            rollback target), or ``None``.
+
     Example:
         >>> import torch, gradguard as gg
-        >>> from gradguard.remedies import Remedies, Rollback
+        >>> from gradguard import Remedies, Rollback
         >>> model = torch.nn.Linear(4, 1)
         >>> opt = torch.optim.AdamW(model.parameters())
         >>> guard = gg.Guard(model, remedies=Remedies(rollback=Rollback(skip_batches=10)),
@@ -147,12 +204,9 @@ class Remedies:
         self.lr_backoff = LRBackoff() if lr_backoff is True else (lr_backoff or None)
         self.rollback = Rollback() if rollback is True else (rollback or None)
         self.abort = bool(abort)
+        self._context: RemedyContext | None = None
         self._active = True  # False once the Guard closes: log, but act no more
-        self._in_callback = False
-        self._pending_abort: str | None = None
-        self._warned_no_optimizer = False
-        self.guard: Guard | None = None
-        self._optimizers: list[torch.optim.Optimizer] = []
+        self._action = Action()  # the action being built by the current call
         # host-side state, all in state_dict
         self.lr_factor = 1.0
         self._recovery_rate = 1.0
@@ -161,84 +215,82 @@ class Remedies:
         self._consecutive_skips = 0
         self._spike_steps: deque[int] = deque()
         self._clean_loss: float | None = None
-        self._snapshot: dict[str, Any] | None = None
-        self._snapshot_step: int | None = None
+        self.snapshot_step: int | None = None
         self._interval_dirty = False
         self._fresh_backoff = False
-        self._rolled_back = False
 
     # -- wiring (called by the Guard) --------------------------------------------------
 
-    def bind(self, guard: Guard) -> None:
-        """Connect to a Guard (done by ``Guard(remedies=...)``)."""
-        if self.guard is not None and self.guard is not guard:
+    def bind(self, context: RemedyContext) -> None:
+        """Belong to a Guard (done by ``Guard(remedies=...)``).
+
+        Raises:
+            ValueError: if already bound, or if a rung needs a monitor the Guard lacks.
+        """
+        if self._context is not None:
             raise ValueError("this Remedies object already belongs to another Guard")
-        self.guard = guard
-        if guard.monitor is not None:
-            guard.monitor.add_sink(CallbackSink(self._on_monitor))
-        elif self.rollback is not None or self.lr_backoff is not None:
+        if not context.monitored and (self.rollback is not None or self.lr_backoff is not None):
             raise ValueError("LR backoff and rollback need the Guard's monitor (monitor=True)")
+        self._context = context
 
     def deactivate(self) -> None:
         """Stop acting (the Guard is closing): no more backoff, rollback or abort."""
         self._active = False
 
-    def raise_pending_abort(self) -> None:
-        """Raise the :class:`TrainingDiverged` decided during a monitor flush, once the
-        flush has logged the interval's record and events."""
-        message, self._pending_abort = self._pending_abort, None
-        if message is not None:
-            raise TrainingDiverged(message)
+    # -- decisions -----------------------------------------------------------------------
 
-    def step_dropped(self) -> None:
-        """This step does not reach the optimizer anyway: a rollback decided during it
-        needs no further step dropped."""
-        self._rolled_back = False
+    def on_step(self, outcome: StepOutcome) -> Action:
+        """Decide after a step: count skips (escalating after ``skip_budget`` in a row),
+        recover the learning rate on steps that go through.
 
-    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """Remember an optimizer whose learning rate and state the ladder may act on."""
-        if optimizer not in self._optimizers:
-            self._optimizers.append(optimizer)
-
-    @contextlib.contextmanager
-    def scaled_lr(self, optimizer: torch.optim.Optimizer) -> Iterator[None]:
-        """Apply the current LR factor to ``optimizer`` for one step, then undo it."""
-        f = self.lr_factor
-        if f == 1.0:
-            yield
-            return
-        saved = [g["lr"] for g in optimizer.param_groups]
-        for g in optimizer.param_groups:
-            g["lr"] = g["lr"] * f  # a tensor lr gets a new tensor; the original is put back
-        try:
-            yield
-        finally:
-            for g, lr in zip(optimizer.param_groups, saved, strict=True):
-                g["lr"] = lr
-
-    # -- per-step hooks --------------------------------------------------------------
-
-    def on_skip(self, step: int, reason: str) -> None:
-        """A step was skipped (non-finite gradients). Escalate after ``skip_budget``."""
-        self._consecutive_skips += 1
-        self._interval_dirty = True
-        if self._consecutive_skips >= self.skip_budget and self._active:
-            self._consecutive_skips = 0
-            self._escalate(step, f"{self.skip_budget} consecutive steps with non-finite "
-                                 "gradients were skipped")
-        self.step_dropped()
-
-    def after_step(self, step: int) -> bool:
-        """A step is about to go through: count it towards recovery.
+        Args:
+            outcome: the step and whether (why) it was skipped.
 
         Returns:
-            Whether the optimizer should step (``False`` right after a rollback, whose
-            restored parameters must not receive this step's update).
+            The :class:`Action` for the Guard.
         """
-        self._consecutive_skips = 0
-        if self._rolled_back:
-            self._rolled_back = False
-            return False
+        self._action = Action()
+        if outcome.skipped == "nonfinite":
+            self._consecutive_skips += 1
+            self._interval_dirty = True
+            if self._consecutive_skips >= self.skip_budget and self._active:
+                self._consecutive_skips = 0
+                self._escalate(outcome.step, f"{self.skip_budget} consecutive steps with "
+                                             "non-finite gradients were skipped")
+        elif outcome.skipped == "dropped":
+            self._consecutive_skips = 0
+        elif outcome.skipped is None:
+            self._consecutive_skips = 0
+            self._recover(outcome.step)
+        return self._finish()
+
+    def on_interval(self, interval: Interval) -> Action:
+        """Decide after a monitor interval: spikes count towards a backoff, a loss jump (or
+        a non-finite loss) rolls back, a clean interval refreshes the snapshot.
+
+        Args:
+            interval: the flushed interval (its record and the detectors' events).
+
+        Returns:
+            The :class:`Action` for the Guard.
+        """
+        self._action = Action()
+        if self._active:
+            for event in interval.events:
+                if event.kind == "spike":
+                    self._interval_dirty = True
+                    self._on_spike(event.step)
+                elif event.kind == "nonfinite":
+                    self._interval_dirty = True
+            self._on_record(interval.record)
+        return self._finish()
+
+    def _finish(self) -> Action:
+        action, self._action = self._action, Action()
+        action.lr_factor = self.lr_factor
+        return action
+
+    def _recover(self, step: int) -> None:
         if self._fresh_backoff:  # the first step after a backoff takes the full cut
             self._fresh_backoff = False
         elif self.lr_factor < 1.0:
@@ -247,25 +299,6 @@ class Remedies:
                 self.lr_factor = 1.0
                 self._emit(step, "lr_restore", "learning rate restored to its scheduled value",
                            {"backoffs": self.backoffs})
-        return True
-
-    # -- monitor callbacks -------------------------------------------------------------
-
-    def _on_monitor(self, kind: str, payload: Any) -> None:
-        if not self._active:
-            return
-        outer = self._in_callback  # (events this callback emits come back here)
-        self._in_callback = True  # an abort waits until the flush has logged everything
-        try:
-            if kind == "event" and payload.kind == "spike":
-                self._interval_dirty = True
-                self._on_spike(payload.step)
-            elif kind == "event" and payload.kind == "nonfinite":
-                self._interval_dirty = True
-            elif kind == "record":
-                self._on_record(payload)
-        finally:
-            self._in_callback = outer
 
     def _on_spike(self, step: int) -> None:
         cfg = self.lr_backoff
@@ -302,7 +335,8 @@ class Remedies:
             if loss_known:
                 self._clean_loss = float(loss)  # type: ignore[arg-type]
             if rb is not None:
-                self._take_snapshot(step)
+                self._action.snapshot = True
+                self.snapshot_step = step  # the state before this step's update
 
     # -- the ladder ----------------------------------------------------------------------
 
@@ -318,7 +352,7 @@ class Remedies:
                        f"{cfg.max_times}), restored over {cfg.recovery_steps} clean steps",
                        {"lr_factor": self.lr_factor, "backoffs": self.backoffs})
             return
-        if self.rollback is not None and self._snapshot is not None:
+        if self.rollback is not None and self.snapshot_step is not None:
             self._do_rollback(step, why)
             return
         self._do_abort(step, why)
@@ -326,7 +360,7 @@ class Remedies:
     def _do_rollback(self, step: int, why: str) -> None:
         rb = self.rollback
         assert rb is not None
-        if self._snapshot is None:
+        if self.snapshot_step is None:
             self._emit(step, "rollback", f"{why}; no clean snapshot yet, nothing to roll back to",
                        {"performed": False})
             return
@@ -334,22 +368,18 @@ class Remedies:
             self._do_abort(step, f"{why}, after {self.rollbacks} rollbacks")
             return
         self.rollbacks += 1
-        self._restore_snapshot()
-        self._rolled_back = True
-        guard = self.guard
-        assert guard is not None
-        guard._skip_next = rb.skip_batches
+        self._action.restore = True
+        self._action.skip_next = rb.skip_batches
         self._spike_steps.clear()
         self._emit(step, "rollback",
-                   f"{why}: restored the state from before step {self._snapshot_step} "
+                   f"{why}: restored the state from before step {self.snapshot_step} "
                    f"(rollback {self.rollbacks}/{rb.max_times}) and skipping the next "
-                   f"{rb.skip_batches} batches", {"to_step": self._snapshot_step,
+                   f"{rb.skip_batches} batches", {"to_step": self.snapshot_step,
                                                   "rollbacks": self.rollbacks,
                                                   "skip_batches": rb.skip_batches})
 
     def _do_abort(self, step: int, why: str) -> None:
-        guard = self.guard
-        stats = guard.stats() if guard is not None else {}
+        stats = self._context.stats() if self._context is not None else {}
         message = (
             f"gradguard: training diverged at step {step}: {why}. So far "
             f"{stats.get('nonfinite', 0)} steps had non-finite gradients, "
@@ -361,57 +391,15 @@ class Remedies:
         self._emit(step, "abort", message, {"backoffs": self.backoffs,
                                              "rollbacks": self.rollbacks})
         if self.abort:
-            self._pending_abort = message
-            if not self._in_callback:
-                self.raise_pending_abort()
+            self._action.abort = message
 
     def _emit(self, step: int, kind: str, message: str, data: dict[str, Any]) -> None:
-        guard = self.guard
-        if guard is not None and guard.monitor is not None:
-            guard.monitor.emit(Event(step=step, kind=kind, message=message, data=data))
-
-    # -- snapshots -----------------------------------------------------------------------
-
-    def _take_snapshot(self, step: int) -> None:
-        guard = self.guard
-        assert guard is not None
-        if not self._optimizers and not self._warned_no_optimizer:
-            self._warned_no_optimizer = True
-            warnings.warn(
-                "gradguard: rollback snapshots hold the parameters but no optimizer state, "
-                "because the Guard knows no optimizer: use guard.attach(optimizer), or "
-                "Guard(optimizer, ...), so that a rollback restores its state too",
-                stacklevel=2,
-            )
-        with torch.no_grad():
-            params = [p.detach().to("cpu", copy=True) for p in guard.params]
-        self._snapshot = {
-            "params": params,
-            "optimizers": [_to_cpu(copy.deepcopy(o.state_dict())) for o in self._optimizers],
-            "policy": None if guard.policy is None else guard.policy.state_dict(),
-        }
-        self._snapshot_step = step  # the state before this step's update
-
-    def _restore_snapshot(self) -> None:
-        guard = self.guard
-        snap = self._snapshot
-        assert guard is not None and snap is not None
-        with torch.no_grad():
-            for p, saved in zip(guard.params, snap["params"], strict=True):
-                p.copy_(saved)
-        for opt, state in zip(self._optimizers, snap["optimizers"], strict=True):
-            # The moments go back; the hyperparameters (the LR a scheduler set) stay.
-            current = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
-            opt.load_state_dict(copy.deepcopy(state))
-            for group, hyper in zip(opt.param_groups, current, strict=True):
-                group.update(hyper)
-        if guard.policy is not None and snap["policy"] is not None:
-            guard.policy.load_state_dict(snap["policy"])
+        self._action.events.append(Event(step=step, kind=kind, message=message, data=data))
 
     # -- checkpointing -------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Ladder state, including the rollback snapshot (CPU tensors) if any."""
+        """The ladder's host state and configuration."""
         return {
             "lr_factor": self.lr_factor,
             "recovery_rate": self._recovery_rate,
@@ -420,11 +408,9 @@ class Remedies:
             "consecutive_skips": self._consecutive_skips,
             "spike_steps": list(self._spike_steps),
             "clean_loss": self._clean_loss,
-            "snapshot": self._snapshot,
-            "snapshot_step": self._snapshot_step,
+            "snapshot_step": self.snapshot_step,
             "interval_dirty": self._interval_dirty,
             "fresh_backoff": self._fresh_backoff,
-            "rolled_back": self._rolled_back,
             "config": {
                 "skip_budget": self.skip_budget,
                 "lr_backoff": None if self.lr_backoff is None else asdict(self.lr_backoff),
@@ -441,18 +427,6 @@ class Remedies:
         self._consecutive_skips = int(state["consecutive_skips"])
         self._spike_steps = deque(state["spike_steps"])
         self._clean_loss = state["clean_loss"]
-        self._snapshot = state["snapshot"]
-        self._snapshot_step = state["snapshot_step"]
+        self.snapshot_step = state["snapshot_step"]
         self._interval_dirty = bool(state["interval_dirty"])
         self._fresh_backoff = bool(state["fresh_backoff"])
-        self._rolled_back = bool(state["rolled_back"])
-
-
-def _to_cpu(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj

@@ -1,11 +1,12 @@
-"""Distributed training: one collective per Guard step, and the same decision on every rank.
+"""The Guard's measurement across ranks: one collective per step, the same decision on every
+rank, and a single process as a world of size 1.
 
 Under data parallelism every rank must take the same decision at every step: the same clip
 coefficient, the same skip, the same rollback. If they do not, the replicas drift apart, or
 one rank waits forever in a collective the others never call (skipping a step on one rank
-under DDP is the classic hang). The Guard therefore makes every decision from data that is
-identical on all ranks, and gets that data with **one** ``all_reduce`` of a small packed
-vector per step, whatever the policy:
+under DDP is the classic hang). :class:`GuardSync` therefore gives the Guard every
+statistic of a step from data that is identical on all ranks, with **one** ``all_reduce``
+of a small packed vector per step, whatever the policy:
 
 ``codes`` (one slot per rank)
     what this rank saw: its loss was non-finite (:data:`LOSS_NONFINITE`), its own gradient
@@ -18,11 +19,11 @@ vector per step, whatever the policy:
     so monitor records, events and the remedies driven by them agree on every rank.
 per-tensor p-th powers of the local shard norms (one slot per sharded gradient)
     FSDP2 (``fully_shard``) gradients are ``DTensor`` shards; the norm of the full gradient
-    is the p-th root of the sum of the shards' p-th powers. These used to be one
-    all-reduce per mesh inside the norm engine; here they travel in the same vector.
+    is the p-th root of the sum of the shards' p-th powers.
 extras, only when needed
     per-rank total p-th powers for ``Guard(process_group=...)`` (ranks holding disjoint
-    parameters), AGC unit norms split across ranks, the parameter norm a policy asks for.
+    parameters), unit norms split across ranks and summaries of units spread over ranks
+    (policies of granularity ``"unit"``, AGC), the parameter norm a policy asks for.
 
 The vector is reduced with ``SUM`` (``MAX`` for the inf-norm); slots owned by one rank hold
 the operation's identity on the others, so both operations deliver every slot exactly.
@@ -30,6 +31,12 @@ gloo's ``MAX`` drops NaN (``max(NaN, 3) = 3``), so under ``MAX`` values travel r
 the order finite < inf < NaN (inf as the largest finite float, NaN as ``+inf``) and are
 decoded after: NaN still wins, as in torch. A rank whose mesh coordinate merely replicates
 a shard (HSDP) contributes zero to the sums, so nothing is counted twice.
+
+**A world of size 1.** Without ``torch.distributed`` (or with ``sync_group=False``) the
+same :meth:`GuardSync.measure` runs with no vector and no collective: the local statistics
+are the step's statistics, and the norm engine completes any DTensor shards itself (one
+all-reduce per mesh, as :func:`gradguard.get_total_norm` does). Plain, DDP and FSDP2 runs
+share this one measurement.
 
 The skip decision is ``total is finite and no rank flagged non-finite gradients``, read on
 the host *after* the collective: every rank reads the same value and takes the same branch,
@@ -48,24 +55,34 @@ step in parallel, so there is no earlier or later among them.
 
 Limits, each costing extra collectives rather than a wrong answer: DTensors on a mesh that
 does not span exactly the synchronised ranks, ``process_group`` together with DTensor
-gradients (pipeline x FSDP), and AGC on tensors split along dim 0 *and* another dim (2-D
-sharding) are reduced by the norm engine, one all-reduce per mesh dimension. ``Partial``
-DTensor gradients are redistributed (a collective) by the norm engine before anything else.
+gradients (pipeline x FSDP), and unit-wise clipping of tensors split along dim 0 *and*
+another dim (2-D sharding) are reduced by the norm engine, one all-reduce per mesh
+dimension. ``Partial`` DTensor gradients are redistributed (a collective) by the norm engine
+before anything else.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from gradguard import norms as _norms
+from gradguard.engine.norms import DeviceTensorCache, TensorGroups, total_norm
+from gradguard.engine.scaling import zero_nonfinite_
+from gradguard.engine.sharding import (
+    ShardInfo,
+    all_reduce_norm,
+    localize,
+    power,
+    reduce_shard_norms,
+    root,
+)
+from gradguard.engine.units import UnitNorms
+from gradguard.guard.step import StepStats
+from gradguard.policies.base import StepNorms, ThresholdPolicy
 
 __all__ = [
     "GRAD_NONFINITE",
@@ -73,9 +90,9 @@ __all__ = [
     "LOSS_NONFINITE",
     "LOSS_OBSERVED",
     "OVERFLOW",
-    "CollectiveCounter",
     "GuardSync",
-    "Measured",
+    "Packer",
+    "UnitPlan",
     "is_distributed",
     "register_nonfinite_hook",
 ]
@@ -87,8 +104,6 @@ LOCAL_NONFINITE = 4  # the gradients (shards) it held at the Guard step were NaN
 LOSS_OBSERVED = 8  # it called observe_loss since the last step
 OVERFLOW = 16  # a fused optimizer's GradScaler flag said overflow
 
-_COLLECTIVE_NAMESPACES = ("c10d", "_c10d_functional", "c10d_functional")
-
 
 def is_distributed() -> bool:
     """Whether ``torch.distributed`` is available and initialised."""
@@ -96,47 +111,20 @@ def is_distributed() -> bool:
 
 
 # --------------------------------------------------------------------------------------
-# Counting collectives
-# --------------------------------------------------------------------------------------
-
-
-class CollectiveCounter(TorchDispatchMode):
-    """Count the collectives issued inside a ``with`` block.
-
-    Every c10d collective (``dist.all_reduce``, ``barrier``, ...) and functional collective
-    (DTensor redistribution) goes through the dispatcher, where this mode sees it, whoever
-    calls it. ``wait_tensor`` is not counted.
-
-    Example::
-
-        with CollectiveCounter() as c:
-            guard.step()
-        assert c.count == 1, c.calls
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        #: The collectives seen, in order (op names such as ``c10d.allreduce_.default``).
-        self.calls: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        if func.namespace in _COLLECTIVE_NAMESPACES and "wait" not in str(func):
-            self.calls.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-    @property
-    def count(self) -> int:
-        """How many collectives were issued."""
-        return len(self.calls)
-
-
-# --------------------------------------------------------------------------------------
 # The packed vector
 # --------------------------------------------------------------------------------------
 
 
-class _Packer:
-    """Pieces of one vector, reduced by one ``all_reduce`` and read back by handles."""
+class Packer:
+    """Pieces of one vector, reduced by one ``all_reduce`` and read back by handles.
+
+    Args:
+        op_max: reduce with ``MAX`` (the inf-norm) instead of ``SUM``.
+        rank: this rank's position in the group.
+        world: the group's size.
+        dtype: the vector's dtype.
+        device: the vector's device.
+    """
 
     def __init__(self, *, op_max: bool, rank: int, world: int, dtype: torch.dtype,
                  device: torch.device) -> None:
@@ -192,90 +180,48 @@ class _Packer:
         return lambda: get_block().sum()
 
     def run(self, group: Any) -> None:
+        """The all-reduce of the vector: THE collective of the step."""
         import torch.distributed as dist
 
         buf = torch.cat(self.parts)
         op = dist.ReduceOp.MAX if self.op_max else dist.ReduceOp.SUM
-        dist.all_reduce(buf, op=op, group=group)  # THE collective of the step
+        dist.all_reduce(buf, op=op, group=group)
         self.result = buf
 
 
 # --------------------------------------------------------------------------------------
-# What a Guard step gets back
+# Unit-wise statistics across ranks
 # --------------------------------------------------------------------------------------
 
 
-@dataclass
-class Measured:
-    """The statistics of one step after the collective: identical on every rank.
+class UnitPlan:
+    """How the unit norms of a step are completed and summarised across ranks.
 
-    Attributes:
-        norms: per-tensor norms of the full gradients present this step (fp32).
-        total: the total norm (fp32, 0-d).
-        finite: 0-d bool: the total is finite and no rank flagged non-finite gradients.
-        overflow: 0-d bool: some rank's fused-optimizer GradScaler reported an overflow
-            (``None`` when no ``found_inf`` was given).
-        loss: the mean of the losses the ranks observed (fp32, 0-d; NaN if none did).
-        codes: per-rank codes (see the module constants), indexed by rank in the group.
-        param_norm: the L2 norm of all guarded parameters, when the policy asked for it.
-        unit, g_units, w_units: AGC only: the unit groups and the whole unit norms of the
-            gradients and parameters.
+    Units *split* over ranks (vectors, weights sharded along a dim other than 0) are
+    completed from squared partial norms in the packed vector. Whole units *spread* over
+    ranks (``rows``: weights sharded along dim 0) get their coefficients before the
+    collective; their summaries (smallest coefficient, clipped squared norm) ride in it.
+
+    Args:
+        units: the unit grouping of the local gradients.
+        cache: where small index and mask tensors live on the device.
+        device: that device.
     """
 
-    norms: Tensor
-    total: Tensor
-    finite: Tensor
-    overflow: Tensor | None
-    loss: Tensor
-    codes: Tensor
-    param_norm: Tensor | None = None
-    unit: Any = None
-    g_units: list[Tensor] | None = None
-    w_units: list[Tensor] | None = None
-    _agc: _AgcPlan | None = None
-
-    def agc_summary(self, coefs: list[Tensor], *, ones_if_nonfinite: bool = False
-                    ) -> tuple[Tensor, Tensor]:
-        """The smallest unit coefficient and the post-clip total norm, over all ranks.
-
-        Args:
-            coefs: the unit coefficients applied, one stacked tensor per unit group.
-            ones_if_nonfinite: the coefficients were forced to 1 on non-finite steps
-                (``Guard(nonfinite="ignore")``).
-
-        Returns:
-            ``(coef, post_norm)``, 0-d fp32 tensors, the same on every rank.
-        """
-        plan = self._agc
-        assert plan is not None and self.g_units is not None
-        coef, post_sq = plan.summary(self.g_units, coefs, skip_rows=True)
-        if plan.get_rows_min is not None and plan.get_rows_post is not None:
-            coef = torch.minimum(coef, plan.get_rows_min().amin().to(coef.dtype))
-            post_sq = post_sq + plan.get_rows_post().to(post_sq.dtype)
-        dev = self.total.device
-        coef = coef.to(dev, torch.float32)
-        post = post_sq.sqrt().to(dev, torch.float32)
-        if ones_if_nonfinite:
-            coef = torch.where(self.finite, coef, torch.ones_like(coef))
-            post = torch.where(self.finite, post, self.total)
-        return coef, post
-
-
-class _AgcPlan:
-    """How the unit norms of a step are completed and summarised across ranks."""
-
-    def __init__(self, groups: list[list[int]], n: int,
-                 tensor_fn: Callable[[tuple, list], Tensor]) -> None:
-        self.groups = groups
-        self._tensor = tensor_fn  # cached masks: no host->device copy per step
-        self.where = [(0, 0)] * n  # tensor index -> (group, position)
-        for gi, idx in enumerate(groups):
-            for k, i in enumerate(idx):
-                self.where[i] = (gi, k)
+    def __init__(self, units: UnitNorms, cache: DeviceTensorCache, device: torch.device
+                 ) -> None:
+        self.groups = units.groups
+        self.where = units.where
+        self.cache, self.device = cache, device
         self.rows: list[int] = []  # tensors whose units are whole, spread over ranks
         self.rows_contrib: list[bool] = []
         self.get_rows_min: Callable[[], Tensor] | None = None
         self.get_rows_post: Callable[[], Tensor] | None = None
+        self.split: list[int] = []  # tensors whose units are completed in the vector
+        self.get_split: Callable[[], Tensor] | None = None
+
+    def _mask(self, values: list[bool], like: Tensor) -> Tensor:
+        return self.cache.get(("mask", tuple(values)), values, self.device).to(like.device)
 
     def summary(
         self, units: list[Tensor], coefs: list[Tensor], *, skip_rows: bool,
@@ -304,50 +250,81 @@ class _AgcPlan:
             if all(keep):
                 cmin.append(per_min.amin())
             else:
-                mask = self._tensor(("mask", tuple(keep)), keep).to(c.device)
-                cmin.append(torch.where(mask, per_min, math.inf).amin())
+                cmin.append(torch.where(self._mask(keep, c), per_min, math.inf).amin())
             if all(add):
                 sq.append(per_sq.sum())
             elif any(add):
-                mask = self._tensor(("mask", tuple(add)), add).to(c.device)
-                sq.append(torch.where(mask, per_sq, 0.0).sum())
+                sq.append(torch.where(self._mask(add, c), per_sq, 0.0).sum())
         dev = units[0].device if units else torch.device("cpu")
         one = torch.ones((), device=dev)
         coef = torch.stack([x.float() for x in cmin]).amin() if cmin else one
         post_sq = torch.stack([x.double() for x in sq]).sum() if sq else one.double() * 0
         return coef, post_sq
 
+    def complete(
+        self, g_rows: list[list[Tensor]], w_rows: list[list[Tensor]]
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """After the collective: whole unit norms of the split tensors; stacked per group."""
+        if self.split:
+            assert self.get_split is not None
+            flat = self.get_split()
+            offset = 0
+            for rows in (g_rows, w_rows):
+                for i in self.split:
+                    gi, k = self.where[i]
+                    r = rows[gi][k]
+                    n = r.numel()
+                    part = flat.narrow(0, offset, n)
+                    rows[gi][k] = part.sqrt().reshape(r.shape).to(r.dtype)
+                    offset += n
+        return [torch.stack(r) for r in g_rows], [torch.stack(r) for r in w_rows]
+
 
 # --------------------------------------------------------------------------------------
-# The Guard's distributed half
+# The Guard's synchroniser
 # --------------------------------------------------------------------------------------
 
 
 class GuardSync:
-    """Everything distributed a :class:`~gradguard.guard.Guard` needs (built by the Guard).
+    """Everything a :class:`~gradguard.guard.Guard` needs to measure a step, on one rank or
+    many (built by the Guard; see the module docstring).
 
     Args:
-        group: the ranks that take the same decisions (usually the world group).
+        group: the ranks that take the same decisions (usually the world group); ``None``
+            for a world of size 1.
         norm_type: the Guard's norm order.
         device: the Guard's device.
         process_group: ranks holding disjoint parameters whose total norm is one (pipeline
             stages), as ``Guard(process_group=...)``; ``None`` for data parallelism.
+
+    Attributes:
+        rank, world: this rank's position in ``group`` and the group's size (0 and 1 for
+            a world of size 1).
+        global_ranks: the global ranks of the group.
+        cache: small constant tensors on the device (indices, masks), made once.
     """
 
     def __init__(self, group: Any, *, norm_type: float, device: torch.device,
                  process_group: Any = None) -> None:
-        import torch.distributed as dist
-
         self.group = group
-        self.rank = dist.get_rank(group)
-        self.world = dist.get_world_size(group)
-        self.global_ranks: list[int] = list(dist.get_process_group_ranks(group))
         self.norm_type = norm_type
         self.op_max = math.isinf(norm_type)
         self.device = torch.device(device)
         self.dtype = torch.float32 if self.device.type == "mps" else torch.float64
         self.process_group = process_group
+        self.cache = DeviceTensorCache()
         self._members: list[int] | None = None
+        self._meshes: dict[int, tuple[Any, bool, tuple[int, ...]]] = {}
+        self._loss_bad: Tensor | None = None
+        self._grad_bad: Tensor | None = None
+        if group is None:
+            self.rank, self.world, self.global_ranks = 0, 1, [_global_rank()]
+            return
+        import torch.distributed as dist
+
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        self.global_ranks = list(dist.get_process_group_ranks(group))
         if process_group is not None:
             position = {g: r for r, g in enumerate(self.global_ranks)}
             members = list(dist.get_process_group_ranks(process_group))
@@ -358,22 +335,23 @@ class GuardSync:
                     f"{self.global_ranks}; sync_group must contain it"
                 )
             self._members = sorted(position[g] for g in members)
-        self._meshes: dict[int, tuple[Any, bool, tuple[int, ...]]] = {}
-        self._cache: dict[Any, Tensor] = {}
-        self._loss_bad: Tensor | None = None
-        self._grad_bad: Tensor | None = None
 
     @classmethod
     def create(cls, sync_group: Any, *, norm_type: float, device: torch.device,
-               process_group: Any = None) -> GuardSync | None:
-        """The Guard's synchroniser, or ``None`` when there is nothing to synchronise.
+               process_group: Any = None) -> GuardSync:
+        """The Guard's synchroniser; a world of size 1 when there is nothing to synchronise.
 
         Args:
             sync_group: ``None`` (the world group, when ``torch.distributed`` is
                 initialised with more than one rank), a process group, or ``False``.
+
+        Raises:
+            TypeError: for ``sync_group=True``.
+            ValueError: for a group without torch.distributed, or one without this rank.
         """
+        alone = cls(None, norm_type=norm_type, device=device, process_group=process_group)
         if sync_group is False:
-            return None
+            return alone
         if sync_group is True:
             raise TypeError("sync_group must be None, False or a process group, got True")
         if not is_distributed():
@@ -382,20 +360,22 @@ class GuardSync:
                     "sync_group was given but torch.distributed is not initialised; call "
                     "torch.distributed.init_process_group() before building the Guard"
                 )
-            return None
+            return alone
         import torch.distributed as dist
 
         group = dist.group.WORLD if sync_group is None else sync_group
         if dist.get_rank(group) < 0:
             raise ValueError("sync_group does not contain this rank")
         if dist.get_world_size(group) <= 1:
-            return None
+            return alone
         return cls(group, norm_type=norm_type, device=device, process_group=process_group)
 
     # -- evidence gathered before the step ------------------------------------------------
 
     def observe_loss(self, loss: Tensor) -> None:
         """Remember whether a loss of this step was non-finite (over micro-batches)."""
+        if self.world == 1:  # no other rank to name this one to
+            return
         bad = torch.logical_not(torch.isfinite(loss))
         self._loss_bad = bad if self._loss_bad is None else self._loss_bad | bad
 
@@ -416,17 +396,13 @@ class GuardSync:
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _tensor(self, key: tuple, values: list, dtype: torch.dtype | None = None) -> Tensor:
-        """A cached small tensor on the device (one host->device copy per layout)."""
-        hit = self._cache.get(key)
-        if hit is None:
-            if len(self._cache) > 256:
-                self._cache.clear()
-            hit = self._cache[key] = torch.tensor(values, dtype=dtype, device=self.device)
-        return hit
+    def _index(self, indices: list[int]) -> Tensor:
+        return self.cache.index(indices, self.device)
 
     def _mesh(self, mesh: Any) -> tuple[bool, tuple[int, ...]]:
         """Whether a mesh's shards can travel in the packed vector, and our coordinate."""
+        if self.world == 1:
+            return False, ()
         hit = self._meshes.get(id(mesh))
         if hit is None or hit[0] is not mesh:
             ranks = mesh.mesh.flatten().tolist()
@@ -436,7 +412,7 @@ class GuardSync:
             self._meshes[id(mesh)] = hit
         return hit[1], hit[2]
 
-    def _contributes(self, info: _norms._ShardInfo, dims: Sequence[int]) -> bool:
+    def _contributes(self, info: ShardInfo, dims: Sequence[int]) -> bool:
         """Whether this rank adds its value to a sum over ``dims`` of ``info``'s mesh.
 
         Ranks that differ only along the other mesh dims hold the same value (replicas):
@@ -445,70 +421,177 @@ class GuardSync:
         _, coord = self._mesh(info.mesh)
         return all(c == 0 for d, c in enumerate(coord) if d not in dims)
 
-    def _local_norms(self, groups: _norms.TensorGroups, p: float) -> Tensor:
-        """Per-tensor norms of the local tensors (shards), with no communication."""
-        return groups.norms(p, reduce=False)
+    def _local(self, groups: TensorGroups, units: UnitNorms | None
+               ) -> tuple[Tensor, list[Tensor] | None]:
+        """Per-tensor norms of the local tensors (shards) and, for unit-wise policies, the
+        gradients' stacked unit norms per group (from which the per-tensor norms come,
+        free): no communication."""
+        if units is None:
+            return groups.norms(self.norm_type, reduce=False), None
+        g_units = units.local_norms(groups.local)
+        return units.tensor_norms(g_units, self.cache), g_units
 
     # -- the step ---------------------------------------------------------------------------
 
     @torch.no_grad()
     def measure(
         self,
-        groups: _norms.TensorGroups,
+        groups: TensorGroups,
         params: Sequence[Tensor],
         *,
-        policy: Any,
+        policy: ThresholdPolicy | None,
         loss: Tensor | None,
         grad_scale: Tensor | None = None,
         found_inf: Tensor | None = None,
         repair: bool = False,
         all_params: Sequence[Tensor] | None = None,
-    ) -> Measured:
-        """Local statistics -> one all-reduce -> the step's statistics, equal on all ranks.
+    ) -> StepStats:
+        """The statistics of the step, the same on every rank: local statistics, then (with
+        several ranks) one all-reduce.
 
         Args:
             groups: the gradients present this step, prepared.
-            params: their parameters (AGC reads them).
-            policy: the threshold policy (AGC: unit-wise statistics are gathered).
+            params: their parameters (unit-wise policies read them).
+            policy: the threshold policy (``"unit"`` granularity: unit norms are measured).
             loss: this rank's observed loss, or ``None``.
             grad_scale: the GradScaler scale of a fused optimizer (norms are unscaled).
             found_inf: the GradScaler overflow flag of a fused optimizer.
-            repair: ``Guard(nonfinite="zero")``: replace NaN/inf entries by 0 before the
-                norms are taken (the flags still say they were there).
+            repair: ``Guard(nonfinite="zero")``: replace NaN/inf entries by 0 (the flags
+                still say they were there).
             all_params: every guarded parameter, when the policy wants their norm.
 
         Returns:
-            The :class:`Measured` statistics.
+            :class:`~gradguard.guard.step.StepStats` of the present gradients (``norms``
+            in their order), before any decision.
         """
+        units = None
+        if policy is not None and policy.granularity == "unit":
+            units = UnitNorms(groups.local, groups.shards)
+        if self.world == 1:
+            return self._measure_alone(groups, params, units, loss=loss,
+                                       grad_scale=grad_scale, found_inf=found_inf,
+                                       repair=repair, all_params=all_params)
+        return self._measure_together(groups, params, units, policy=policy, loss=loss,
+                                      grad_scale=grad_scale, found_inf=found_inf,
+                                      repair=repair, all_params=all_params)
+
+    def _measure_alone(
+        self, groups: TensorGroups, params: Sequence[Tensor], units: UnitNorms | None, *,
+        loss: Tensor | None, grad_scale: Tensor | None, found_inf: Tensor | None,
+        repair: bool, all_params: Sequence[Tensor] | None,
+    ) -> StepStats:
+        """A world of size 1: the local statistics are the step's (DTensor shards are
+        completed by the norm engine); no vector, no collective of the Guard's own."""
+        stats = self._alone_norms(groups, params, units, grad_scale)
+        stats.loss = loss
+        finite = torch.isfinite(stats.total)
+        stats.finite = stats.grads_finite = finite
+        if found_inf is not None:
+            stats.overflow = found_inf.reshape(()).to(self.device) != 0
+        if repair and not (groups.all_cpu and bool(finite)):  # CPU: the check is free
+            # Repaired after the (engine-reduced) check, so that every rank of an FSDP2
+            # run without sync_group repairs, and re-measures, alike.
+            zero_nonfinite_(groups)
+            repaired = self._alone_norms(groups, params, units, grad_scale,
+                                         w_units=stats.param_unit_norms)
+            stats.norms, stats.total = repaired.norms, repaired.total
+            stats.unit_norms = repaired.unit_norms
+        if all_params is not None:
+            stats.param_norm = torch.linalg.vector_norm(TensorGroups(all_params).norms(2.0))
+        return stats
+
+    def _alone_norms(
+        self, groups: TensorGroups, params: Sequence[Tensor], units: UnitNorms | None,
+        grad_scale: Tensor | None, w_units: list[Tensor] | None = None,
+    ) -> StepStats:
+        """The local statistics of a world of size 1, shards completed by the engine."""
         p = self.norm_type
-        unitwise = policy is not None and getattr(policy, "unitwise", False)
+        local, g_units = self._local(groups, units)
+        if groups.shards:  # shard norms -> full-tensor norms: the engine's collectives
+            local = reduce_shard_norms(local, groups.shards, p)
+        norms = local.to(device=self.device, dtype=torch.float32)
+        if grad_scale is not None:  # fused optimizer under GradScaler: grads are scaled
+            norms = norms * (1.0 / grad_scale.to(self.device, torch.float32)).reshape(())
+        total = total_norm(norms, p, process_group=self.process_group)
+        stats = StepStats(norms=norms, total=total, finite=total.new_ones((), dtype=torch.bool))
+        if units is not None:
+            assert g_units is not None
+            stats.units = units
+            stats.unit_norms = units.complete(g_units, groups.local) if groups.shards else g_units
+            if w_units is None:  # read under no_grad: no detach needed
+                w_units = units.norms(localize(list(params))[0])
+            stats.param_unit_norms = w_units
+        return stats
+
+    def _measure_together(
+        self, groups: TensorGroups, params: Sequence[Tensor], units: UnitNorms | None, *,
+        policy: ThresholdPolicy | None, loss: Tensor | None, grad_scale: Tensor | None,
+        found_inf: Tensor | None, repair: bool, all_params: Sequence[Tensor] | None,
+    ) -> StepStats:
+        """Several ranks: local statistics -> one all-reduce -> the same values on all."""
+        p = self.norm_type
         shards = groups.shards
-        pk = _Packer(op_max=self.op_max, rank=self.rank, world=self.world, dtype=self.dtype,
-                     device=self.device)
+        pk = Packer(op_max=self.op_max, rank=self.rank, world=self.world, dtype=self.dtype,
+                    device=self.device)
 
         # ---- local statistics (no communication) -----------------------------------------
-        unit = g_rows = w_rows = None
-        if unitwise:
-            unit, g_rows, w_rows, local = self._local_units(groups, params)
-        else:
-            local = self._local_norms(groups, p)
+        local, g_units = self._local(groups, units)
         bad = torch.logical_not(torch.isfinite(local).all())
         if repair and (not groups.all_cpu or bool(bad)):  # CPU: the check is free
-            for g in groups.local:
-                g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-            if unitwise:
-                unit, g_rows, _, local = self._local_units(groups, params, w_rows=w_rows)
-            else:
-                local = self._local_norms(groups, p)
+            zero_nonfinite_(groups)
+            local, g_units = self._local(groups, units)
+        g_rows = w_rows = None
+        if units is not None:  # rows: completed one by one across ranks below
+            assert g_units is not None
+            w_local, _ = localize(list(params))  # read under no_grad: no detach needed
+            g_rows = [list(n.unbind(0)) for n in g_units]
+            w_rows = [list(n.unbind(0)) for n in units.local_norms(w_local)]
         if grad_scale is not None:
             local = local * (1.0 / grad_scale.to(local.device, local.dtype)).reshape(())
 
         # ---- what cannot travel in the vector (extra collectives, same on all ranks) ----
         fallback = {i: info for i, info in shards.items() if not self._mesh(info.mesh)[0]}
         if fallback:
-            local = _norms._reduce_shard_norms(local, fallback, p)
+            local = reduce_shard_norms(local, fallback, p)
 
         # ---- pack ----------------------------------------------------------------------------
+        get_codes, get_loss = self._pack_evidence(pk, bad, loss, found_inf)
+        packed = sorted(i for i in shards if i not in fallback)
+        index = self._index(packed) if packed else None
+        get_shards = None
+        if packed:
+            powers = power(local.index_select(0, index).to(self.dtype), p)
+            contrib = [self._contributes(shards[i], shards[i].mesh_dims) for i in packed]
+            if not self.op_max and not all(contrib):
+                mask = self.cache.get(("mask", tuple(contrib)), contrib, self.device)
+                powers = torch.where(mask, powers, 0.0)
+            get_shards = pk.reduce(powers)
+        get_total = None
+        if self._members is not None:
+            local_total = torch.linalg.vector_norm(local, p)
+            get_total = pk.per_rank(power(local_total.to(self.dtype), p))
+        plan = None
+        if units is not None:
+            assert g_rows is not None and w_rows is not None
+            plan = self._pack_units(pk, units, groups, g_rows, w_rows, policy)
+        get_param_norm = None if all_params is None else self._pack_param_norm(pk, all_params)
+
+        pk.run(self.group)  # THE collective of the step
+
+        # ---- unpack: the same values on every rank ---------------------------------------
+        stats = self._unpack(local, get_shards, index, get_total, get_codes, get_loss,
+                             found_inf is not None)
+        if get_param_norm is not None:
+            stats.param_norm = get_param_norm()
+        if plan is not None:
+            assert g_rows is not None and w_rows is not None
+            stats.units, stats.unit_plan = units, plan
+            stats.unit_norms, stats.param_unit_norms = plan.complete(g_rows, w_rows)
+        return stats
+
+    def _pack_evidence(self, pk: Packer, bad: Tensor, loss: Tensor | None,
+                       found_inf: Tensor | None) -> tuple[Callable[[], Tensor], ...]:
+        """This rank's code and loss, one slot each per rank."""
         dev = self.device
         code = bad.to(dev, self.dtype) * LOCAL_NONFINITE
         if self._loss_bad is not None:
@@ -523,102 +606,48 @@ class GuardSync:
         self._loss_bad = self._grad_bad = None
         get_codes = pk.per_rank(code)
         get_loss = pk.per_rank(loss if loss is not None else torch.zeros((), device=dev))
+        return get_codes, get_loss
 
-        packed = sorted(i for i in shards if i not in fallback)
-        get_shards = None
-        if packed:
-            index = self._tensor(("index", tuple(packed)), packed, torch.int64)
-            powers = _norms._power(local.index_select(0, index).to(self.dtype), p)
-            contrib = [self._contributes(shards[i], shards[i].mesh_dims) for i in packed]
-            if not self.op_max and not all(contrib):
-                powers = torch.where(self._tensor(("mask", tuple(contrib)), contrib), powers, 0.0)
-            get_shards = pk.reduce(powers)
-        get_total = None
-        if self._members is not None:
-            local_total = torch.linalg.vector_norm(local, p)
-            get_total = pk.per_rank(_norms._power(local_total.to(self.dtype), p))
-        completion = None
-        if unitwise:
-            assert unit is not None and g_rows is not None and w_rows is not None
-            completion = self._pack_units(pk, unit, groups, g_rows, w_rows, policy)
-        param_norm_fn = None
-        if all_params is not None:
-            param_norm_fn = self._pack_param_norm(pk, all_params)
-
-        pk.run(self.group)
-
-        # ---- unpack: the same values on every rank ---------------------------------------
+    def _unpack(self, local: Tensor, get_shards: Callable[[], Tensor] | None,
+                index: Tensor | None, get_total: Callable[[], Tensor] | None,
+                get_codes: Callable[[], Tensor], get_loss: Callable[[], Tensor],
+                with_overflow: bool) -> StepStats:
+        """Norms, total, flags and loss from the reduced vector."""
+        p = self.norm_type
+        dev = self.device
         codes = get_codes().select(1, 0)
         full = local
         if get_shards is not None:
-            full = local.index_copy(0, index, _norms._root(get_shards(), p).to(local.dtype))
+            assert index is not None
+            full = local.index_copy(0, index, root(get_shards(), p).to(local.dtype))
         norms = full.to(dev, torch.float32)
         if get_total is not None:
-            blocks = get_total().select(1, 0).index_select(
-                0, self._tensor(("members",), self._members, torch.int64))
+            members = self.cache.get(("members",), self._members, dev, torch.int64)
+            blocks = get_total().select(1, 0).index_select(0, members)
             reduced = blocks.amax() if self.op_max else blocks.sum()
-            total = _norms._root(reduced, p).to(torch.float32)
+            total = root(reduced, p).to(torch.float32)
         else:
             total = torch.linalg.vector_norm(norms, p)
         ci = codes.to(torch.int64)
         flagged = (torch.bitwise_and(ci, GRAD_NONFINITE | LOCAL_NONFINITE) != 0).any()
         finite = torch.isfinite(total) & torch.logical_not(flagged)
         overflow = None
-        if found_inf is not None:
+        if with_overflow:
             overflow = (torch.bitwise_and(ci, OVERFLOW) != 0).any()
         seen = torch.bitwise_and(ci, LOSS_OBSERVED) != 0
         losses = get_loss().select(1, 0)
         mean_loss = (torch.where(seen, losses, 0.0).sum() / seen.sum()).to(torch.float32)
+        return StepStats(norms=norms, total=total, finite=finite, grads_finite=finite,
+                         overflow=overflow, loss=mean_loss, codes=codes)
 
-        measured = Measured(norms=norms, total=total, finite=finite, overflow=overflow,
-                            loss=mean_loss, codes=codes,
-                            param_norm=None if param_norm_fn is None else param_norm_fn())
-        if unitwise:
-            assert completion is not None and g_rows is not None and w_rows is not None
-            g_units, w_units = completion.complete(g_rows, w_rows)
-            measured.unit, measured.g_units, measured.w_units = unit, g_units, w_units
-            measured._agc = completion.agc
-        return measured
-
-    # -- AGC ------------------------------------------------------------------------------
-
-    def _local_units(
-        self, groups: _norms.TensorGroups, params: Sequence[Tensor],
-        w_rows: list[list[Tensor]] | None = None,
-    ) -> tuple[Any, list[list[Tensor]], list[list[Tensor]], Tensor]:
-        """Local unit norms (grads, params) and per-tensor local norms from them."""
-        from gradguard.clip import AgcUnits
-
-        unit = AgcUnits(groups.local, groups.shards)
-        g_loc = _norms.grouped_unit_norms(groups.local, unit.groups)
-        if w_rows is None:
-            w_local, _ = _norms._localize(list(params))
-            w_rows = [list(n.unbind(0)) for n in _norms.grouped_unit_norms(w_local, unit.groups)]
-        local = self._agc_tensor_norms(unit.groups, g_loc, len(groups.local))
-        return unit, [list(n.unbind(0)) for n in g_loc], w_rows, local
-
-    def _agc_tensor_norms(self, groups: list[list[int]], units: list[Tensor], n: int) -> Tensor:
-        """Per-tensor L2 norms, in tensor order, from per-group stacked unit norms."""
-        if not units:
-            return torch.zeros(0, device=self.device)
-        parts = [torch.linalg.vector_norm(u.flatten(1), dim=1) for u in units]
-        dtype = functools.reduce(torch.promote_types, (x.dtype for x in parts))
-        grouped = torch.cat([x.to(dtype) for x in parts])
-        order = [i for idx in groups for i in idx]
-        if order == list(range(n)):
-            return grouped
-        inverse = sorted(range(len(order)), key=order.__getitem__)
-        index = self._tensor(("index", tuple(inverse)), inverse, torch.int64)
-        return grouped.index_select(0, index.to(grouped.device))
+    # -- unit-wise ------------------------------------------------------------------------
 
     def _pack_units(
-        self, pk: _Packer, unit: Any, groups: _norms.TensorGroups,
+        self, pk: Packer, units: UnitNorms, groups: TensorGroups,
         g_rows: list[list[Tensor]], w_rows: list[list[Tensor]], policy: Any,
-    ) -> _UnitCompletion:
+    ) -> UnitPlan:
         """Complete split units (in the vector, or by the engine) and pack row summaries."""
-        plan = _AgcPlan(unit.groups, len(groups.local), self._tensor)
-        completion = _UnitCompletion(plan)
-        split: list[int] = []
+        plan = UnitPlan(units, self.cache, self.device)
         for i, info in groups.shards.items():
             nd = groups.local[i].ndim
             pairs = list(zip(info.mesh_dims, info.tensor_dims, strict=True))
@@ -627,48 +656,94 @@ class GuardSync:
             packable = self._mesh(info.mesh)[0]
             if across:
                 if packable and not along:
-                    split.append(i)
+                    plan.split.append(i)
                 else:  # the engine completes them: one all-reduce per mesh dim
                     gi, k = plan.where[i]
                     for rows in (g_rows, w_rows):
                         sq = rows[gi][k] * rows[gi][k]
                         for d in across:
-                            _norms._all_reduce(sq, 2.0, info.mesh.get_group(d))
+                            all_reduce_norm(sq, 2.0, info.mesh.get_group(d))
                         rows[gi][k] = sq.sqrt()
             if along and packable:
                 plan.rows.append(i)
                 plan.rows_contrib.append(self._contributes(info, along))
-        if split:
-            contrib = [self._contributes(groups.shards[i], groups.shards[i].mesh_dims)
-                       for i in split]
+        if plan.split:
             pieces = []
             for rows in (g_rows, w_rows):
-                for i, c in zip(split, contrib, strict=True):
+                for i in plan.split:
                     gi, k = plan.where[i]
                     sq = rows[gi][k].reshape(-1).square().to(self.dtype)
-                    pieces.append(sq if c else torch.zeros_like(sq))
-            completion.split = split
-            completion.get = pk.reduce(torch.cat(pieces))
+                    shard = groups.shards[i]
+                    keep = self._contributes(shard, shard.mesh_dims)
+                    pieces.append(sq if keep else torch.zeros_like(sq))
+            plan.get_split = pk.reduce(torch.cat(pieces))
         if plan.rows:
-            # Whole units spread over ranks: their coefficients are known now; their
-            # summaries (min coefficient, clipped squared norm) ride in the vector.
-            g_units = [torch.stack(r) for r in g_rows]
-            w_units = [torch.stack(r) for r in w_rows]
-            coefs = policy.unit_coefficients(g_units, w_units)
-            contrib_set = {i for i, c in zip(plan.rows, plan.rows_contrib, strict=True) if c}
-            cmin, post_sq = plan.summary(g_units, coefs, skip_rows=False, only=set(plan.rows),
-                                         contrib=contrib_set)
-            plan.get_rows_min = pk.per_rank(cmin)
-            plan.get_rows_post = pk.sum(post_sq)
-        return completion
+            self._pack_row_summaries(pk, plan, g_rows, w_rows, policy)
+        return plan
 
-    def _pack_param_norm(self, pk: _Packer, params: Sequence[Tensor]) -> Callable[[], Tensor]:
+    def _pack_row_summaries(self, pk: Packer, plan: UnitPlan, g_rows: list[list[Tensor]],
+                            w_rows: list[list[Tensor]], policy: Any) -> None:
+        """Whole units spread over ranks: their coefficients are known before the
+        collective (a unit policy's ``compute`` is a pure function of the unit norms);
+        their summaries (min coefficient, clipped squared norm) ride in the vector."""
+        g_units = [torch.stack(r) for r in g_rows]
+        w_units = [torch.stack(r) for r in w_rows]
+        zero = torch.zeros((), device=self.device)
+        coefs, _ = policy.compute(StepNorms(
+            norms=zero.reshape(1), total=zero, finite=torch.isfinite(zero),
+            unit_norms=g_units, param_unit_norms=w_units))
+        contrib = {i for i, c in zip(plan.rows, plan.rows_contrib, strict=True) if c}
+        cmin, post_sq = plan.summary(g_units, coefs, skip_rows=False, only=set(plan.rows),
+                                     contrib=contrib)
+        plan.get_rows_min = pk.per_rank(cmin)
+        plan.get_rows_post = pk.sum(post_sq)
+
+    def unit_summary(self, stats: StepStats, coefs: list[Tensor], *,
+                     ones_if_nonfinite: bool = False) -> tuple[Tensor, Tensor]:
+        """The smallest unit coefficient and the post-clip total norm, over every rank.
+
+        Args:
+            stats: the step's statistics (unit norms measured).
+            coefs: the unit coefficients applied, one stacked tensor per unit group.
+            ones_if_nonfinite: the coefficients were forced to 1 on non-finite steps
+                (``Guard(nonfinite="ignore")``).
+
+        Returns:
+            ``(coef, post_norm)``, 0-d fp32 tensors on the Guard's device, the same on
+            every rank.
+        """
+        g_units = stats.unit_norms
+        assert g_units is not None
+        plan = stats.unit_plan
+        if plan is None:  # a world of size 1
+            mins = [c.amin() for c in coefs if c.numel()]  # (FSDP2: shards may be empty)
+            one = torch.ones((), device=self.device)
+            coef = torch.stack(mins).amin().to(self.device) if mins else one
+            if stats.units is not None and stats.units.shards:
+                return coef, stats.total * coef
+            post_sq = torch.stack([(n * c).square().sum().to(self.device)
+                                   for n, c in zip(g_units, coefs, strict=True)]).sum()
+            return coef, post_sq.sqrt()
+        coef, post_sq = plan.summary(g_units, coefs, skip_rows=True)
+        if plan.get_rows_min is not None and plan.get_rows_post is not None:
+            coef = torch.minimum(coef, plan.get_rows_min().amin().to(coef.dtype))
+            post_sq = post_sq + plan.get_rows_post().to(post_sq.dtype)
+        coef = coef.to(self.device, torch.float32)
+        post = post_sq.sqrt().to(self.device, torch.float32)
+        if ones_if_nonfinite:
+            coef = torch.where(stats.finite, coef, torch.ones_like(coef))
+            post = torch.where(stats.finite, post, stats.total)
+        return coef, post
+
+    # -- the parameter norm ----------------------------------------------------------------
+
+    def _pack_param_norm(self, pk: Packer, params: Sequence[Tensor]) -> Callable[[], Tensor]:
         """Pack what the L2 norm of all parameters needs; return its getter."""
-        pg = _norms.TensorGroups(list(params))
-        local = self._local_norms(pg, 2.0)
+        pg = TensorGroups(list(params))
+        local = pg.norms(2.0, reduce=False)
         fallback = {i: info for i, info in pg.shards.items() if not self._mesh(info.mesh)[0]}
         if fallback:
-            local = _norms._reduce_shard_norms(local, fallback, 2.0)
+            local = reduce_shard_norms(local, fallback, 2.0)
         sharded = {i for i in pg.shards if i not in fallback}
         rep = [i for i in range(len(local)) if i not in sharded]
         contrib = [i for i in sorted(sharded)
@@ -678,7 +753,7 @@ class GuardSync:
         def part(idx: list[int]) -> Tensor:
             if not idx:
                 return torch.zeros((), dtype=self.dtype, device=self.device)
-            return sq.index_select(0, self._tensor(("index", tuple(idx)), idx, torch.int64)).sum()
+            return sq.index_select(0, self._index(idx)).sum()
 
         get = pk.sum(part(contrib))
         if self._members is None:
@@ -687,7 +762,7 @@ class GuardSync:
         # Ranks holding disjoint parameters (process_group=): their plain parameters add
         # up over the members, in the same collective, so every rank sees one norm.
         get_rep = pk.per_rank(part(rep))
-        members = self._tensor(("members",), self._members, torch.int64)
+        members = self.cache.get(("members",), self._members, self.device, torch.int64)
         return lambda: (get_rep().select(1, 0).index_select(0, members).sum() + get()).sqrt()
 
     # -- events -------------------------------------------------------------------------------
@@ -698,7 +773,7 @@ class GuardSync:
         Returns:
             ``first_rank`` (global rank, or ``None``), ``evidence`` (``"loss"``,
             ``"gradient"``, ``"local"`` or ``"unknown"``) and the lists ``loss_ranks``,
-            ``gradient_ranks``, ``local_ranks`` (global ranks).
+            ``gradient_ranks``, ``local_ranks`` (global ranks), and ``world_size``.
         """
         values = [int(v) for v in codes.tolist()]
         ranks = self.global_ranks
@@ -719,31 +794,8 @@ class GuardSync:
                 "gradient_ranks": grad, "local_ranks": local, "world_size": self.world}
 
 
-class _UnitCompletion:
-    """Completes split units after the collective; carries the AGC plan along."""
-
-    def __init__(self, plan: _AgcPlan) -> None:
-        self.agc = plan
-        self.split: list[int] = []
-        self.get: Callable[[], Tensor] | None = None
-
-    def complete(
-        self, g_rows: list[list[Tensor]], w_rows: list[list[Tensor]]
-    ) -> tuple[list[Tensor], list[Tensor]]:
-        plan = self.agc
-        if self.split:
-            assert self.get is not None
-            flat = self.get()
-            offset = 0
-            for rows in (g_rows, w_rows):
-                for i in self.split:
-                    gi, k = plan.where[i]
-                    r = rows[gi][k]
-                    n = r.numel()
-                    part = flat.narrow(0, offset, n)
-                    rows[gi][k] = part.sqrt().reshape(r.shape).to(r.dtype)
-                    offset += n
-        return [torch.stack(r) for r in g_rows], [torch.stack(r) for r in w_rows]
+def _global_rank() -> int:
+    return torch.distributed.get_rank() if is_distributed() else 0
 
 
 # --------------------------------------------------------------------------------------
@@ -783,8 +835,8 @@ def register_nonfinite_hook(
         raise TypeError(
             f"ddp_model must be a DistributedDataParallel module, got {type(ddp_model).__name__}"
         )
-    sync = getattr(guard, "_sync", None)
-    if sync is None:
+    sync = getattr(guard, "sync", None)
+    if not isinstance(sync, GuardSync) or sync.world < 2:
         raise ValueError(
             "the Guard does not synchronise across ranks (torch.distributed not initialised "
             "when it was built, a single rank, or sync_group=False)"

@@ -30,11 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradguard as gg
-from gradguard import distributed as ggd
+from gradguard.guard import sync as ggs
+from gradguard.guard.remedies import Remedies, Rollback
 from gradguard.log.readback import read_jsonl
 from gradguard.monitor.detectors import describe_origin
-from gradguard.remedies import Remedies, Rollback
-from gradguard.thresholds import StepNorms, ThresholdPolicy
+from gradguard.policies.base import StepNorms, ThresholdPolicy
+from gradguard.testing import CollectiveCounter
 
 WORLD = 2
 STEPS = 20
@@ -142,7 +143,7 @@ def _counting():
 
     dist.all_reduce = counted
     try:
-        with ggd.CollectiveCounter() as counter:
+        with CollectiveCounter() as counter:
             yield lambda: (counter.count, len(calls))
     finally:
         dist.all_reduce = original
@@ -224,7 +225,7 @@ def _ddp_nan_run(rank, world, tmp, log_ranks):
     path = os.path.join(tmp, f"ddp_{log_ranks}.jsonl")
     guard = gg.Guard(model, clip=0.5, sinks=[path], log_every=5,
                      log_ranks=log_ranks).attach(opt)
-    ggd.register_nonfinite_hook(model, guard)
+    ggs.register_nonfinite_hook(model, guard)
     counts = []
     for step in range(10):
         x, y = _batch(step, rank, world)
@@ -736,11 +737,11 @@ def test_guard_arguments_without_torch_distributed():
     with pytest.raises(TypeError, match="sync_group"):
         gg.Guard(model, sinks=[], sync_group=True)
     guard = gg.Guard(model, sinks=[])
-    assert guard._sync is None
+    assert guard.sync.world == 1
     with pytest.raises(ValueError, match="does not synchronise"):
-        ggd.register_nonfinite_hook(_FakeDDP(), guard)
+        ggs.register_nonfinite_hook(_FakeDDP(), guard)
     with pytest.raises(TypeError, match="DistributedDataParallel"):
-        ggd.register_nonfinite_hook(model, guard)
+        ggs.register_nonfinite_hook(model, guard)
 
 
 class _FakeDDP(torch.nn.parallel.DistributedDataParallel):
@@ -760,10 +761,11 @@ def test_single_process_guard_issues_no_collective(monkeypatch):
     assert calls == []
 
 
-def _fake_sync(world: int, rank: int, op_max: bool = False) -> ggd.GuardSync:
-    sync = ggd.GuardSync.__new__(ggd.GuardSync)
+def _fake_sync(world: int, rank: int, norm_type: float = 2.0,
+               device: torch.device | str = "cpu") -> ggs.GuardSync:
+    """One rank's synchroniser in a simulated world (no process group)."""
+    sync = ggs.GuardSync(None, norm_type=norm_type, device=torch.device(device))
     sync.world, sync.rank, sync.global_ranks = world, rank, list(range(world))
-    sync.op_max = op_max
     return sync
 
 
@@ -775,7 +777,7 @@ def test_packed_slots_survive_sum_and_max():
     for op_max in (False, True):
         packs, getters = [], []
         for rank in range(3):
-            pk = ggd._Packer(op_max=op_max, rank=rank, world=3, dtype=torch.float64,
+            pk = ggs.Packer(op_max=op_max, rank=rank, world=3, dtype=torch.float64,
                              device=torch.device("cpu"))
             loss = torch.tensor(nan if rank == 2 else float(rank) - 5.0)
             getters.append((pk.per_rank(loss), pk.reduce(torch.tensor(values[rank])),
@@ -796,13 +798,13 @@ def test_packed_slots_survive_sum_and_max():
 
 def test_origin_prefers_pre_reduction_evidence():
     sync = _fake_sync(4, 0)
-    codes = torch.tensor([ggd.LOCAL_NONFINITE, ggd.LOCAL_NONFINITE,
-                          ggd.LOCAL_NONFINITE | ggd.GRAD_NONFINITE,
-                          ggd.LOCAL_NONFINITE | ggd.LOSS_NONFINITE], dtype=torch.float64)
+    codes = torch.tensor([ggs.LOCAL_NONFINITE, ggs.LOCAL_NONFINITE,
+                          ggs.LOCAL_NONFINITE | ggs.GRAD_NONFINITE,
+                          ggs.LOCAL_NONFINITE | ggs.LOSS_NONFINITE], dtype=torch.float64)
     info = sync.origin(codes)
     assert info["first_rank"] == 2 and info["evidence"] == "gradient"
     assert info["loss_ranks"] == [3] and info["local_ranks"] == [0, 1, 2, 3]
-    info = sync.origin(torch.tensor([0.0, 0.0, ggd.LOCAL_NONFINITE, 0.0]))
+    info = sync.origin(torch.tensor([0.0, 0.0, ggs.LOCAL_NONFINITE, 0.0]))
     assert info["first_rank"] == 2 and info["evidence"] == "local"
     assert sync.origin(torch.zeros(4))["first_rank"] is None
     assert "rank 2" in describe_origin(info)
@@ -816,17 +818,14 @@ def test_distributed_step_is_sync_free_on_fake_cuda(monkeypatch, clip, nonfinite
     as the identity: one rank's view of a 2-rank world.)"""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    monkeypatch.setattr(ggd._Packer, "run",
+    monkeypatch.setattr(ggs.Packer, "run",
                         lambda self, group: setattr(self, "result", torch.cat(self.parts)))
     with FakeTensorMode():
         params = [nn.Parameter(torch.randn(s, device="cuda")) for s in [(30, 40), (40,), (4, 4)]]
+        sync = _fake_sync(2, 1, device=params[0].device)
+        monkeypatch.setattr(ggs.GuardSync, "create", classmethod(lambda cls, *a, **k: sync))
         guard = gg.Guard(params, clip=clip, nonfinite=nonfinite, sinks=[], log_every=10_000)
-        sync = _fake_sync(2, 1)
-        sync.__dict__.update(
-            group=None, norm_type=2.0, device=params[0].device, dtype=torch.float64,
-            process_group=None, _members=None, _meshes={}, _cache={}, _loss_bad=None,
-            _grad_bad=None)
-        guard._sync = sync
+        assert guard.sync is sync
         for _ in range(4):
             for p in params:
                 p.grad = torch.randn_like(p)
@@ -845,7 +844,7 @@ def _regression_scenarios(rank, world):
     from torch.distributed.tensor import DTensor, Partial, Replicate
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from gradguard.distributed import register_nonfinite_hook
+    from gradguard.guard.sync import register_nonfinite_hook
 
     out = {}
     # 1. The batches skipped after a rollback carry no collective: a rank's own loss on
@@ -897,7 +896,7 @@ def _regression_scenarios(rank, world):
     guard = gg.Guard(stage, clip="auto", sinks=[], process_group=dist.group.WORLD).attach(opt)
     stage(torch.randn(8, 4)).pow(2).sum().backward()
     sq = sum(float(p.detach().double().square().sum()) for p in stage.parameters())
-    with ggd.CollectiveCounter() as counter:
+    with CollectiveCounter() as counter:
         opt.step()
     out["stage"] = {"threshold": float(guard.last["threshold"]), "param_sq": sq,
                     "collectives": counter.count}
