@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradguard.norms import tensor_norms
+from gradguard.engine.norms import tensor_norms
 from gradguard.signal.activations import RELU_FAMILY
 from gradguard.signal.inputs import isolated, tensors_in
 from gradguard.signal.modules import fan_in
