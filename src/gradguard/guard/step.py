@@ -231,7 +231,6 @@ class GuardStep:
         """Scale the gradients once, by the policy's granularity; summarise the
         coefficients (the smallest) and the post-clip norm."""
         policy = self.policy
-        one = torch.ones((), device=self.device)
         coef = stats.coef
         if policy is None:
             post = stats.total
@@ -246,9 +245,11 @@ class GuardStep:
             post = torch.linalg.vector_norm(stats.norms * coef, self.norm_type)
             assert stats.threshold is not None
             threshold = stats.threshold
-            coef = coef.amin() if coef.numel() else one
-            stats.threshold = threshold.amin() if threshold.numel() else torch.full(
-                (), math.nan, device=self.device)
+            if coef.numel():
+                coef, stats.threshold = coef.amin(), threshold.amin()
+            else:  # no tensor: nothing clipped, no threshold
+                coef = torch.ones((), device=self.device)
+                stats.threshold = torch.full((), math.nan, device=self.device)
         else:
             mul_(groups, coef)
             post = stats.total * coef
@@ -288,7 +289,10 @@ class GuardStep:
         """A non-finite step under ``"skip"`` (recorded, with its event) or ``"raise"``."""
         bad = [n for n, b in zip(self.names, torch.logical_not(
             torch.isfinite(stats.norms)).tolist(), strict=True) if b]
-        origin = None if stats.codes is None else self.sync.origin(stats.codes)
+        # which rank saw it first: a host read (the step skips or raises anyway)
+        origin = None
+        if stats.codes is not None and (self.nonfinite == "raise" or self.monitor is not None):
+            origin = self.sync.origin(stats.codes)
         if self.nonfinite == "raise":
             where = "" if origin is None else "; " + describe_origin(origin)
             raise NonFiniteGradientError(
@@ -302,7 +306,7 @@ class GuardStep:
         stats.clipped = torch.zeros((), dtype=torch.bool, device=self.device)
         stats.nonfinite = stats.skipped = torch.ones((), dtype=torch.bool, device=self.device)
         interval = self.record(step, stats)
-        if self.monitor is not None:  # the rank that saw it first (a host read: skipping)
+        if self.monitor is not None:
             self.monitor.note_step(step, "nonfinite", layers=bad, origin=origin)
         return StepResult(stats, proceed=False, skipped="nonfinite", interval=interval)
 

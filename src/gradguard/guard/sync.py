@@ -484,8 +484,7 @@ class GuardSync:
         completed by the norm engine); no vector, no collective of the Guard's own."""
         stats = self._alone_norms(groups, params, units, grad_scale)
         stats.loss = loss
-        finite = torch.isfinite(stats.total)
-        stats.finite = stats.grads_finite = finite
+        finite = stats.grads_finite = stats.finite
         if found_inf is not None:
             stats.overflow = found_inf.reshape(()).to(self.device) != 0
         if repair and not (groups.all_cpu and bool(finite)):  # CPU: the check is free
@@ -513,7 +512,7 @@ class GuardSync:
         if grad_scale is not None:  # fused optimizer under GradScaler: grads are scaled
             norms = norms * (1.0 / grad_scale.to(self.device, torch.float32)).reshape(())
         total = total_norm(norms, p, process_group=self.process_group)
-        stats = StepStats(norms=norms, total=total, finite=total.new_ones((), dtype=torch.bool))
+        stats = StepStats(norms=norms, total=total, finite=torch.isfinite(total))
         if units is not None:
             assert g_units is not None
             stats.units = units
@@ -731,8 +730,9 @@ class GuardSync:
         coef = coef.to(self.device, torch.float32)
         post = post_sq.sqrt().to(self.device, torch.float32)
         if ones_if_nonfinite:
-            coef = torch.where(stats.finite, coef, torch.ones_like(coef))
-            post = torch.where(stats.finite, post, stats.total)
+            finite = stats.grads_finite
+            coef = torch.where(finite, coef, torch.ones_like(coef))
+            post = torch.where(finite, post, stats.total)
         return coef, post
 
     # -- the parameter norm ----------------------------------------------------------------
