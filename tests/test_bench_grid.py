@@ -47,3 +47,19 @@ def test_resume_does_not_reuse_runs_without_the_full_traces_asked_for(tmp_path):
     expanded = run_grid(GridConfig(full_trace_methods=["tuned"], **cfg), None,
                         progress=False)  # a meta-method is expanded, not refused
     assert len(expanded["runs"]) == 1
+
+
+def test_each_task_runs_its_own_grid_unless_one_is_given():
+    from gradguard.bench.gpt import GPT
+    from gradguard.bench.grid import DEFAULT_LRS, plan
+
+    tasks = ["deep-linear", "gpt:preln", "spike-injection:clean"]
+
+    def lrs(**kw):
+        jobs, _ = plan(GridConfig(tasks=tasks, methods=["none"], seeds=[0], **kw))
+        return {t: sorted(j.lr for j in jobs if j.task == t) for t in tasks}
+
+    assert lrs() == {"deep-linear": list(DEFAULT_LRS), "gpt:preln": list(GPT.default_lrs),
+                     "spike-injection:clean": [0.003]}  # a fixed lrs always wins
+    assert lrs(lrs=[0.05]) == {"deep-linear": [0.05], "gpt:preln": [0.05],
+                               "spike-injection:clean": [0.003]}

@@ -59,3 +59,27 @@ def test_spike_summary_pairs_by_seed():
     assert row["method"] == "g" and row["variant"] == "x100"
     assert row["delta_vs_clean"] == pytest.approx(-0.05)
     assert row["delta_vs_none_clean"] == pytest.approx(-0.15)
+
+
+def test_fault_summary_pairs_by_lr_and_seed_and_the_table_names_the_hf_default():
+    from gradguard.bench.table import fault_summary, markdown_table
+
+    info = {"c": {"higher_is_better": False, "reference": "p", "metric": "val_loss",
+                  "trivial_metric": 3.0, "loss_cap": 40.0},
+            "p": {"higher_is_better": False, "metric": "val_loss", "trivial_metric": 3.0,
+                  "loss_cap": 40.0}}
+    runs = [_run("p", "clip:1", lr, s, 2.0 + lr) for lr in (0.1, 1.0) for s in (0, 1)]
+    runs += [_run("c", "clip:1", 0.1, 0, 2.2), _run("c", "clip:1", 0.1, 1, 2.1),
+             _run("c", "clip:1", 1.0, 0, 3.0, diverged=True),
+             _run("c", "clip:1", 1.0, 1, 3.1)]  # lr 1, seed 1: no reference run
+    runs.pop(3)
+    (row,) = fault_summary(runs, info)
+    assert row["task"] == "c" and row["reference"] == "p" and row["n"] == 3
+    # (2.2 - 2.1) + (2.1 - 2.1) + (3.0 - 3.0) over 3 pairs; seeds: 0 -> 0.05, 1 -> 0
+    assert row["delta"] == pytest.approx(0.1 / 3) and row["n_diverged"] == 1
+    assert row["delta_spread"] == pytest.approx(0.0353553, rel=1e-5)
+    results = {"config": {"seeds": [0, 1], "lrs": None, "torch": "x"}, "tasks": info,
+               "aggregates": aggregate(runs, info), "faults": [row]}
+    table = markdown_table(results)
+    assert "| clip:1 (HF default) | 25% |" in table and "each task's own grid" in table
+    assert "| clip:1 (HF default) | 1/3 | +0.0333 ± 0.035 |" in table

@@ -27,17 +27,25 @@ import torch
 from gradguard.bench.diagnose import diagnose_task
 from gradguard.bench.methods import expand_method_specs, get_method, unavailable_message
 from gradguard.bench.run import init_worker, run_one
-from gradguard.bench.table import aggregate, jsonable, spike_summary, write_outputs
+from gradguard.bench.table import (
+    aggregate,
+    fault_summary,
+    jsonable,
+    spike_summary,
+    write_outputs,
+)
+from gradguard.bench.taskbase import Task
 from gradguard.bench.tasks import expand_task_specs, get_task
 
-__all__ = ["DEFAULT_LRS", "SCHEMA", "GridConfig", "Job", "build_results", "plan", "run_grid"]
+__all__ = ["DEFAULT_LRS", "SCHEMA", "GridConfig", "Job", "build_results", "plan", "run_grid",
+           "task_lrs"]
 
 DEFAULT_LRS: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 #: The ``schema`` field of ``results.json``.
 SCHEMA = "gradguard.bench/1"
 # Relative CPU cost of one run, to start the longest runs first (better load balance).
-_COST = {"charlm-postln": 5.0, "adding-rnn": 3.0, "deep-mlp-digits": 3.0, "spike-injection": 3.0,
-         "deep-linear": 1.0}
+_COST = {"charlm-postln": 5.0, "gpt": 4.0, "adding-rnn": 3.0, "deep-mlp-digits": 3.0,
+         "spike-injection": 3.0, "deep-linear": 1.0}
 
 
 @dataclass(frozen=True)
@@ -71,7 +79,8 @@ class GridConfig:
     Attributes:
         tasks: task specs (``spike-injection`` expands to its variants).
         methods: method specs (``tuned`` and ``default`` expand).
-        lrs: the learning-rate grid (tasks with their own ``lrs`` use those).
+        lrs: the learning-rate grid (tasks with a fixed ``lrs`` use those); ``None``: each
+            task's own grid (``Task.default_lrs``), else :data:`DEFAULT_LRS`.
         seeds: the seeds.
         steps: training steps per run (``None``: each task's).
         workers: worker processes (``1``: in this process).
@@ -80,7 +89,7 @@ class GridConfig:
 
     tasks: Sequence[str] = ("all",)
     methods: Sequence[str] = ("default",)
-    lrs: Sequence[float] = DEFAULT_LRS
+    lrs: Sequence[float] | None = None
     seeds: Sequence[int] = (0, 1, 2)
     steps: int | None = None
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
@@ -88,9 +97,9 @@ class GridConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad field."""
-        if not self.lrs or any(
+        if self.lrs is not None and (not self.lrs or any(
             not isinstance(x, (int, float)) or not math.isfinite(x) or x <= 0 for x in self.lrs
-        ):
+        )):
             raise ValueError(f"lrs must be finite numbers > 0, got {list(self.lrs)!r}")
         if not self.seeds or any(
             isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.seeds
@@ -104,9 +113,20 @@ class GridConfig:
             raise ValueError("tasks must name at least one task")
         if not self.methods:
             raise ValueError("methods must name at least one method")
-        for name, values in (("lrs", self.lrs), ("seeds", self.seeds)):
+        for name, values in (("lrs", self.lrs or ()), ("seeds", self.seeds)):
             if len(set(values)) != len(values):
                 raise ValueError(f"{name} must not repeat a value, got {list(values)!r}")
+
+
+def task_lrs(task: Task, lrs: Sequence[float] | None) -> tuple[float, ...]:
+    """The learning rates ``task`` runs at in a grid whose learning rates are ``lrs``: the
+    task's fixed ``lrs`` if it has them, else ``lrs``, else the task's own grid, else
+    :data:`DEFAULT_LRS`."""
+    if task.lrs is not None:
+        return tuple(task.lrs)
+    if lrs is not None:
+        return tuple(lrs)
+    return tuple(task.default_lrs if task.default_lrs is not None else DEFAULT_LRS)
 
 
 def plan(config: GridConfig) -> tuple[list[Job], dict[str, Any]]:
@@ -131,8 +151,7 @@ def plan(config: GridConfig) -> tuple[list[Job], dict[str, Any]]:
             skipped.append(unavailable_message(s))
     jobs = []
     for ts in task_specs:
-        task = get_task(ts)
-        lrs = task.lrs if task.lrs is not None else tuple(config.lrs)
+        lrs = task_lrs(get_task(ts), config.lrs)
         for ms in runnable:
             for lr in lrs:
                 for seed in config.seeds:
@@ -300,7 +319,8 @@ def build_results(
     """The dict written to ``results.json``."""
     tasks_info = {}
     for ts in info["tasks"]:
-        tasks_info[ts] = get_task(ts).describe()
+        task = get_task(ts)
+        tasks_info[ts] = {**task.describe(), "grid_lrs": list(task_lrs(task, config.lrs))}
     return {
         "schema": SCHEMA,
         "config": {
@@ -308,7 +328,7 @@ def build_results(
             "methods": list(info["methods"]),
             "metas": {k: list(v) for k, v in info["metas"].items()},
             "skipped": list(info["skipped"]),
-            "lrs": list(config.lrs),
+            "lrs": list(config.lrs) if config.lrs is not None else None,
             "seeds": list(config.seeds),
             "steps": config.steps,
             "workers": config.workers,
@@ -320,6 +340,7 @@ def build_results(
         "aggregates": aggregate(runs, tasks_info, info["metas"]),
         "diagnosis": {ts: diagnose_task(ts, runs, tasks_info[ts]) for ts in info["tasks"]},
         "spike": spike_summary(runs),
+        "faults": fault_summary(runs, tasks_info),
         "errors": [r for r in runs if "error" in r],
         "runs": [r for r in runs if "error" not in r],
     }

@@ -81,6 +81,7 @@ from gradguard import clip as _clip
 from gradguard.engine import norms as _norms
 
 __all__ = [
+    "LABELS",
     "METHODS",
     "TUNED_THRESHOLDS",
     "ClipThenStep",
@@ -94,12 +95,16 @@ __all__ = [
     "expand_method_specs",
     "float_arg",
     "get_method",
+    "method_label",
     "register_alias",
     "register_method",
     "str_arg",
     "unregister",
 ]
 
+#: How tables name some methods: torch's clip at 1.0 is what the Hugging Face Trainer
+#: (``max_grad_norm=1.0``), Megatron and most language-model recipes use by default.
+LABELS: dict[str, str] = {"clip:1": "clip:1 (HF default)"}
 # The thresholds the ``tuned`` meta-method sweeps.
 TUNED_THRESHOLDS: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0)
 # A step counts as clipped when the norm fell by more than this fraction.
@@ -396,6 +401,11 @@ def get_method(spec: str) -> Method:
     fmt = getattr(d.parse, "format", None)
     canonical = name if fmt is None else f"{name}:{fmt(value)}"
     return Method(canonical, d, value)
+
+
+def method_label(spec: str) -> str:
+    """How tables name the method ``spec`` (its spec, or :data:`LABELS`' name for it)."""
+    return LABELS.get(spec, spec)
 
 
 def expand_method_specs(specs: Sequence[str]) -> tuple[list[str], dict[str, tuple[str, ...]]]:

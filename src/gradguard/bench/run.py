@@ -39,7 +39,8 @@ from typing import Any
 import torch
 
 from gradguard.bench.methods import MethodContext, get_method
-from gradguard.bench.tasks import Task, get_task
+from gradguard.bench.taskbase import Faults, Task
+from gradguard.bench.tasks import get_task
 
 __all__ = ["downsample", "init_worker", "norm_stats", "run_one"]
 
@@ -125,7 +126,7 @@ class _Trace:
 
 def _train(
     t: Task, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ctl: Any,
-    sample: Callable[[int], Any], corrupt: set[int] | frozenset[int], n_steps: int,
+    sample: Callable[[int], Any], faults: Faults, n_steps: int, lr: float,
 ) -> _Trace:
     """The training loop; it stops early once the parameters are non-finite (they
     cannot recover)."""
@@ -134,12 +135,14 @@ def _train(
     wall0 = time.perf_counter()
     for step in range(n_steps):
         c0 = time.process_time()
-        batch = sample(step)
-        if step in corrupt:
-            batch = t.corrupt(batch)
+        step_lr = lr * t.lr_factor(step, n_steps)  # lr * 1.0 == lr: constant tasks unchanged
+        for group in optimizer.param_groups:
+            group["lr"] = step_lr
+        batch = faults.batch(step, sample(step))
         optimizer.zero_grad(set_to_none=True)
         loss = t.loss(model, batch)
         loss.backward()
+        faults.gradients(step, model)
         if observe_loss is not None:
             observe_loss(loss)
         c1 = time.process_time()
@@ -237,8 +240,8 @@ def run_one(
         MethodContext(model, optimizer, tuple(t.head_parameters(model)), log=log)
     )
     sample = t.new_sampler(t.batch_generator(seed))
-    corrupt = t.corruption_steps(seed, n_steps)
-    trace = _train(t, model, optimizer, ctl, sample, corrupt, n_steps)
+    faults = t.faults(seed, n_steps)
+    trace = _train(t, model, optimizer, ctl, sample, faults, n_steps, lr)
     steps_run = len(trace.losses)
     close = getattr(ctl, "close", None)
     if close is not None:
@@ -263,7 +266,7 @@ def run_one(
         "sec_per_step": trace.cpu_total / max(steps_run, 1),
         "ctl_ms_per_step": 1e3 * trace.cpu_ctl / max(steps_run, 1),
         "wall_sec": trace.wall,
-        "corrupt_steps": sorted(corrupt),
+        "corrupt_steps": sorted(faults.steps),
         "norm_stats": norm_stats(trace.norms),
         "trace": downsample(trace.losses, trace.norms, trace_points),
     }

@@ -2,7 +2,8 @@
 
 :func:`aggregate` turns runs (:func:`gradguard.bench.run.run_one` results) into one row per
 (task, method), :func:`spike_summary` gives the accuracy lost to the spikes of
-``spike-injection``, :func:`markdown_table` renders ``table.md`` and
+``spike-injection``, :func:`fault_summary` what the faults of ``gpt:corrupt`` cost,
+:func:`markdown_table` renders ``table.md`` and
 :func:`write_outputs` writes it with ``results.json``.
 
 Definitions (per task and method, over the grid of learning rates x seeds; a run's
@@ -40,11 +41,12 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from gradguard.bench.methods import get_method
+from gradguard.bench.methods import get_method, method_label
 from gradguard.bench.run import median
 from gradguard.bench.tasks import SpikeInjection
 
-__all__ = ["aggregate", "jsonable", "markdown_table", "spike_summary", "write_outputs"]
+__all__ = ["aggregate", "fault_summary", "jsonable", "markdown_table", "spike_summary",
+           "write_outputs"]
 
 
 def _better(higher: bool) -> Callable[[float, float], bool]:
@@ -222,6 +224,38 @@ def spike_summary(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def fault_summary(runs: Sequence[dict[str, Any]], tasks_info: dict[str, dict[str, Any]]
+                  ) -> list[dict[str, Any]]:
+    """What faults cost: for every task whose info names a clean ``reference`` task
+    (``gpt:corrupt`` -> ``gpt:preln``), per method, the score of each run minus that of
+    the same method's reference run at the same learning rate and seed, averaged over the
+    grid (``delta``; ``delta_spread``: the standard deviation over seeds of each seed's
+    mean); ``n_diverged`` counts the faulty task's diverged runs."""
+    cell = {(r["task"], r["method"], float(r["lr"]), int(r["seed"])): r
+            for r in runs if "error" not in r}
+    out = []
+    for task, info in tasks_info.items():
+        ref = info.get("reference")
+        if not ref:
+            continue
+        for m in sorted({k[1] for k in cell if k[0] == task}):
+            keys = sorted(k for k in cell if k[0] == task and k[1] == m)
+            paired = [(k[3], float(cell[k]["score"]) - float(cell[(ref, m, k[2], k[3])]["score"]))
+                      for k in keys if (ref, m, k[2], k[3]) in cell]
+            if not paired:
+                continue
+            by_seed: dict[int, list[float]] = defaultdict(list)
+            for seed, d in paired:
+                by_seed[seed].append(d)
+            out.append({
+                "task": task, "reference": ref, "method": m, "n": len(paired),
+                "n_diverged": sum(bool(cell[k]["diverged"]) for k in keys),
+                "delta": sum(d for _, d in paired) / len(paired),
+                "delta_spread": _std([sum(v) / len(v) for v in by_seed.values()]),
+            })
+    return out
+
+
 def jsonable(x: Any) -> Any:
     """``x`` as strict JSON holds it: non-finite floats become ``None``, tuples lists,
     keys strings."""
@@ -253,6 +287,8 @@ def _task_section(task: str, tinfo: dict[str, Any], rows: list[dict[str, Any]],
         f"{_fmt(tinfo['loss_cap'])}",
         "",
     ]
+    if tinfo.get("grid_lrs"):
+        lines += ["learning rates " + ", ".join(_fmt(x) for x in tinfo["grid_lrs"]), ""]
     if diagnosis:
         lines += [f"**Diagnosis:** {diagnosis['message']}.", ""]
     lines += [
@@ -261,7 +297,7 @@ def _task_section(task: str, tinfo: dict[str, Any], rows: list[dict[str, Any]],
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        name = r["method"]
+        name = method_label(r["method"])
         if "tuned_threshold" in r:
             name += f" (= {r['tuned_from']})"
         msl = "none" if r["max_stable_lr"] is None else _fmt(r["max_stable_lr"])
@@ -315,11 +351,26 @@ def _spike_section(spike: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _fault_section(rows: list[dict[str, Any]]) -> list[str]:
+    lines: list[str] = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        ref = next(r["reference"] for r in rows if r["task"] == task)
+        lines += [f"## {task}: cost of the faults (paired with {ref} by lr and seed)", "",
+                  "| method | diverged | Δ score vs own clean run ± seeds |", "|---|---|---|"]
+        for r in rows:
+            if r["task"] == task:
+                lines.append(f"| {method_label(r['method'])} | {r['n_diverged']}/{r['n']} | "
+                             f"{r['delta']:+.3g} ± {_fmt(r['delta_spread'], 2)} |")
+        lines.append("")
+    return lines
+
+
 def markdown_table(results: dict[str, Any]) -> str:
     """The results as markdown: per task, a summary table and a learning-rate table."""
     lines: list[str] = ["# gradguard bench", ""]
     cfg = results["config"]
-    lines.append(f"seeds {cfg['seeds']}, lrs {cfg['lrs']}, torch {cfg['torch']}")
+    lrs = cfg["lrs"] if cfg.get("lrs") is not None else "each task's own grid"
+    lines.append(f"seeds {cfg['seeds']}, lrs {lrs}, torch {cfg['torch']}")
     for msg in cfg.get("skipped", []):
         lines.append(f"- {msg}")
     lines.append("")
@@ -329,6 +380,8 @@ def markdown_table(results: dict[str, Any]) -> str:
             lines += _task_section(task, tinfo, rows, results.get("diagnosis", {}).get(task))
     if results.get("spike"):
         lines += _spike_section(results["spike"])
+    if results.get("faults"):
+        lines += _fault_section(results["faults"])
     lines.append("max stable lr*: a smaller grid learning rate diverged.")
     return "\n".join(lines) + "\n"
 

@@ -7,14 +7,18 @@ process from a fixed data seed and cached. Two runs with the same (task, method,
 on one thread give bitwise-identical losses. Different methods at the same seed see the
 same initial weights and the same batches, so comparisons between methods are paired.
 
-A task supplies the pieces; the training loop itself lives in
-:func:`gradguard.bench.run.run_one` and is the same for every task::
+A task supplies the pieces (the interface is :class:`gradguard.bench.taskbase.Task`); the
+training loop itself lives in :func:`gradguard.bench.run.run_one` and is the same for every
+task::
 
     model = task.build_model(seed)
     optimizer = task.build_optimizer(model.parameters(), lr)
-    for step in range(task.steps):
-        batch = task.batch(step, batch_gen)           # maybe corrupted
+    faults = task.faults(seed, steps)                 # the run's corruption schedule
+    for step in range(steps):
+        set every group's lr to lr * task.lr_factor(step, steps)
+        batch = faults.batch(step, sample(step))      # maybe corrupted
         loss = task.loss(model, batch); loss.backward()
+        faults.gradients(step, model)                 # maybe corrupted
         info = controller.step()                      # clip, then optimizer.step() (or skip)
     metric, test_loss = task.evaluate(model)
 
@@ -37,6 +41,11 @@ Tasks (``TASKS``; specs are ``name`` or ``name:variant``):
 * ``spike-injection:{x100,nan,clean}``: ``deep-mlp-digits`` with 1% of batches corrupted.
 * ``charlm-postln``: 4-layer Post-LN Transformer character model, Adam without warm-up
   (a negative control: it fails without any gradient explosion).
+* ``gpt:{preln,postln,corrupt,bf16}``: a 2-block GPT character model trained with AdamW,
+  warm-up and cosine decay (:mod:`gradguard.bench.gpt`), with its own learning-rate grid.
+
+Suites: ``sgd`` (the five tasks above ``gpt``), ``transformer`` (the ``gpt`` variants),
+``all`` (both).
 
 References:
     Hochreiter & Schmidhuber 1997, "Long Short-Term Memory" (the adding problem).
@@ -51,18 +60,27 @@ References:
 
 from __future__ import annotations
 
-import abc
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from gradguard.bench.gpt import GPT, pydoc_text
+from gradguard.bench.taskbase import (
+    DATA_SEED,
+    DEFAULT_STEPS,
+    FAULT_STREAM,
+    Batch,
+    Task,
+    seeded_generator,
+)
+
 __all__ = [
     "DEFAULT_STEPS",
+    "SUITES",
     "TASKS",
     "AddingRNN",
     "Batch",
@@ -75,15 +93,6 @@ __all__ = [
     "get_task",
 ]
 
-DEFAULT_STEPS = 300
-# Data are drawn from this seed, whatever the run's seed: the test set is fixed.
-_DATA_SEED = 1234
-# Offsets that give a run's independent random streams (init, batches, corruption).
-_BATCH_STREAM = 1_000_003
-_SPIKE_STREAM = 2_000_003
-
-Batch = tuple[Tensor, Tensor]
-
 # Per-process cache of generated data, keyed by task name (one load per worker process).
 _DATA_CACHE: dict[str, dict[str, Any]] = {}
 
@@ -92,10 +101,6 @@ def _cached(key: str, make: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     if key not in _DATA_CACHE:
         _DATA_CACHE[key] = make()
     return _DATA_CACHE[key]
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(seed))
 
 
 class _EpochSampler:
@@ -116,104 +121,6 @@ class _EpochSampler:
         idx = self._perm[self._pos : self._pos + self.batch_size]
         self._pos += self.batch_size
         return idx
-
-
-class Task(abc.ABC):
-    """One benchmark problem. Subclasses set the class attributes and the abstract methods.
-
-    Attributes:
-        name: the task's spec name.
-        metric_name: what ``evaluate`` returns first (e.g. ``"test_mse"``).
-        higher_is_better: the metric's direction.
-        steps: the default number of training steps.
-        lrs: learning rates this task always runs at, overriding the grid (``None``: the
-            grid's). ``spike-injection`` uses one learning rate at which it trains.
-        references: the papers the task comes from.
-    """
-
-    name: ClassVar[str]
-    metric_name: ClassVar[str]
-    higher_is_better: ClassVar[bool]
-    steps: ClassVar[int] = DEFAULT_STEPS
-    lrs: ClassVar[tuple[float, ...] | None] = None
-    references: ClassVar[tuple[str, ...]] = ()
-
-    @property
-    def spec(self) -> str:
-        """The canonical spec string of this task (name, plus ``:variant`` if any)."""
-        return self.name
-
-    # -- data ---------------------------------------------------------------------------
-    @abc.abstractmethod
-    def data(self) -> dict[str, Any]:
-        """The task's data, generated once per process from a fixed seed and cached."""
-
-    @property
-    def trivial_metric(self) -> float:
-        """The metric of the best constant predictor on the fixed test set."""
-        return float(self.data()["trivial_metric"])
-
-    @property
-    def loss_cap(self) -> float:
-        """A final test loss above this marks the run as diverged (10x the zero output's)."""
-        return 10.0 * float(self.data()["zero_loss"])
-
-    # -- model and optimiser ------------------------------------------------------------
-    @abc.abstractmethod
-    def _make_model(self, gen: torch.Generator) -> nn.Module:
-        """Build the model; draw every random number from ``gen`` or the global RNG."""
-
-    def build_model(self, seed: int) -> nn.Module:
-        """The model, initialised deterministically from ``seed`` (the global RNG is left as
-        it was: modules that initialise from it are built under a forked, seeded RNG)."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self._make_model(_gen(seed))
-
-    @abc.abstractmethod
-    def head_parameters(self, model: nn.Module) -> list[nn.Parameter]:
-        """The final (read-out) layer's parameters, which AGC leaves unclipped."""
-
-    def build_optimizer(self, params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
-        """SGD with momentum 0.9 (every task but the language model)."""
-        return torch.optim.SGD(params, lr=lr, momentum=0.9)
-
-    # -- training -----------------------------------------------------------------------
-    def batch_generator(self, seed: int) -> torch.Generator:
-        """The generator the run's batches are drawn from (independent of the init's)."""
-        return _gen(seed + _BATCH_STREAM)
-
-    @abc.abstractmethod
-    def new_sampler(self, gen: torch.Generator) -> Callable[[int], Batch]:
-        """A function ``step -> (inputs, targets)`` for one run, drawing from ``gen``."""
-
-    def corruption_steps(self, seed: int, steps: int) -> frozenset[int]:
-        """Steps whose batch is corrupted by :meth:`corrupt` (none for clean tasks)."""
-        return frozenset()
-
-    def corrupt(self, batch: Batch) -> Batch:
-        """Return a corrupted copy of ``batch`` (only tasks with a corruption schedule)."""
-        return batch
-
-    @abc.abstractmethod
-    def loss(self, model: nn.Module, batch: Batch) -> Tensor:
-        """The training loss of ``model`` on ``batch`` (a 0-d tensor)."""
-
-    @abc.abstractmethod
-    def evaluate(self, model: nn.Module) -> tuple[float, float]:
-        """``(metric, loss)`` on the fixed test set, in eval mode and without gradients."""
-
-    def describe(self) -> dict[str, Any]:
-        """The task's settings, for ``results.json``."""
-        return {
-            "metric": self.metric_name,
-            "higher_is_better": self.higher_is_better,
-            "trivial_metric": self.trivial_metric,
-            "loss_cap": self.loss_cap,
-            "steps": self.steps,
-            "lrs": list(self.lrs) if self.lrs is not None else None,
-            "references": list(self.references),
-        }
 
 
 # ======================================================================================
@@ -319,7 +226,7 @@ class AddingRNN(_RegressionTask):
 
     def data(self) -> dict[str, Any]:
         def make() -> dict[str, Any]:
-            g = _gen(_DATA_SEED)
+            g = seeded_generator(DATA_SEED)
             x, y = adding_problem(self.n_train, self.seq_len, g)
             xt, yt = adding_problem(self.n_test, self.seq_len, g)
             return {
@@ -360,7 +267,7 @@ def _digits() -> dict[str, Any]:
     x_np, y_np = load_digits(return_X_y=True)
     x = torch.tensor(x_np, dtype=torch.float32)
     y = torch.tensor(y_np, dtype=torch.long)
-    perm = torch.randperm(x.shape[0], generator=_gen(_DATA_SEED))
+    perm = torch.randperm(x.shape[0], generator=seeded_generator(DATA_SEED))
     x, y = x[perm], y[perm]
     x_tr, y_tr, x_te, y_te = x[:1500], y[:1500], x[1500:], y[1500:]
     mean, std = x_tr.mean(0), x_tr.std(0)
@@ -472,13 +379,16 @@ class SpikeInjection(DeepMLPDigits):
     def spec(self) -> str:
         return f"{self.name}:{self.variant}"
 
+    def companions(self) -> tuple[str, ...]:
+        return () if self.variant == "clean" else (f"{self.name}:clean",)
+
     def corruption_steps(self, seed: int, steps: int) -> frozenset[int]:
         if self.variant == "clean":
             return frozenset()
         lo = min(self.first_corruptible_step, max(steps - 1, 0))
         n = max(1, round(self.corrupt_fraction * steps))
         n = min(n, steps - lo)
-        pick = torch.randperm(steps - lo, generator=_gen(seed + _SPIKE_STREAM))[:n] + lo
+        pick = torch.randperm(steps - lo, generator=seeded_generator(seed + FAULT_STREAM))[:n] + lo
         return frozenset(int(s) for s in pick)
 
     def corrupt(self, batch: Batch) -> Batch:
@@ -535,7 +445,7 @@ class DeepLinear(_RegressionTask):
 
     def data(self) -> dict[str, Any]:
         def make() -> dict[str, Any]:
-            g = _gen(_DATA_SEED + 1)
+            g = seeded_generator(DATA_SEED + 1)
             teacher = torch.randn(self.width, self.width, generator=g) / math.sqrt(self.width)
             x = torch.randn(self.n_train + self.n_test, self.width, generator=g)
             y = x @ teacher.T
@@ -566,19 +476,6 @@ class DeepLinear(_RegressionTask):
 # ======================================================================================
 # charlm-postln
 # ======================================================================================
-
-
-def _pydoc_text() -> dict[str, Any]:
-    """The text of ``pydoc_data.topics`` (ships with CPython): topics concatenated in sorted
-    key order, 90% for training and the last 10% for validation, a character vocabulary."""
-    from pydoc_data.topics import topics
-
-    text = "".join(topics[k] for k in sorted(topics))
-    vocab = sorted(set(text))
-    index = {c: i for i, c in enumerate(vocab)}
-    ids = torch.tensor([index[c] for c in text], dtype=torch.long)
-    split = int(0.9 * ids.numel())
-    return {"train": ids[:split], "val": ids[split:], "vocab_size": len(vocab)}
 
 
 class _PostLNCharLM(nn.Module):
@@ -643,10 +540,10 @@ class CharLMPostLN(Task):
 
     def data(self) -> dict[str, Any]:
         def make() -> dict[str, Any]:
-            d = _pydoc_text()
+            d = pydoc_text()
             v = d["vocab_size"]
             val = d["val"]
-            g = _gen(_DATA_SEED + 2)
+            g = seeded_generator(DATA_SEED + 2)
             starts = torch.randint(0, val.numel() - self.context - 1, (self.n_val_windows,),
                                    generator=g)
             windows = torch.stack([val[s : s + self.context + 1] for s in starts.tolist()])
@@ -705,50 +602,60 @@ class CharLMPostLN(Task):
 # Registry
 # ======================================================================================
 
-TASKS: dict[str, Callable[..., Task]] = {
+TASKS: dict[str, type[Task]] = {
     AddingRNN.name: AddingRNN,
     DeepMLPDigits.name: DeepMLPDigits,
     DeepLinear.name: DeepLinear,
     SpikeInjection.name: SpikeInjection,
     CharLMPostLN.name: CharLMPostLN,
+    GPT.name: GPT,
+}
+
+#: Named groups of tasks for ``--tasks``: the SGD problems (and the Post-LN negative
+#: control), the Transformer problems trained with AdamW, and both.
+SUITES: dict[str, tuple[str, ...]] = {
+    "sgd": (AddingRNN.name, DeepMLPDigits.name, DeepLinear.name, SpikeInjection.name,
+            CharLMPostLN.name),
+    "transformer": (GPT.name,),
+    "all": tuple(TASKS),
 }
 
 
-@dataclass(frozen=True)
-class _TaskSpec:
-    name: str
-    variant: str | None
-
-
-def _parse_task(spec: str) -> _TaskSpec:
+def _parse_task(spec: str) -> tuple[type[Task], str | None]:
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"tasks: a task spec must be a non-empty string, got {spec!r}")
     name, _, variant = spec.strip().partition(":")
     if name not in TASKS:
         raise ValueError(f"tasks: unknown task {spec!r}; known tasks: {', '.join(TASKS)}")
-    if variant and name != SpikeInjection.name:
+    cls = TASKS[name]
+    if variant and not cls.variants:
         raise ValueError(f"tasks: task {name!r} takes no variant, got {spec!r}")
-    return _TaskSpec(name, variant or None)
+    if variant and variant not in cls.variants:
+        raise ValueError(f"tasks: {name} variant must be one of {cls.variants}, got {spec!r}")
+    return cls, variant or None
 
 
 def get_task(spec: str) -> Task:
-    """The task for a spec string, e.g. ``"adding-rnn"`` or ``"spike-injection:nan"``.
+    """The task for a spec string, e.g. ``"adding-rnn"`` or ``"spike-injection:nan"``; a
+    task with variants and none named gets its first (``spike-injection:x100``,
+    ``gpt:preln``).
 
     Raises:
         ValueError: for an unknown task or variant (naming the spec).
     """
-    s = _parse_task(spec)
-    if s.name == SpikeInjection.name:
-        return SpikeInjection(s.variant or "x100")
-    return TASKS[s.name]()
+    cls, variant = _parse_task(spec)
+    if cls.variants:
+        return cls(variant or cls.variants[0])  # type: ignore[call-arg]
+    return cls()
 
 
 def expand_task_specs(specs: Sequence[str]) -> list[str]:
     """Canonical task specs, in order, without duplicates.
 
-    ``spike-injection`` expands to its three variants; a spike variant brings its ``clean``
-    reference along, so the accuracy lost to the spikes can always be computed.
-    ``"all"`` means every task.
+    A task with variants (``spike-injection``, ``gpt``) expands to all of them; a variant
+    brings its reference along (:meth:`Task.companions`: a spike variant its ``clean``
+    run, ``gpt:corrupt`` ``gpt:preln``), so what a corruption cost can always be computed.
+    A suite name (:data:`SUITES`: ``sgd``, ``transformer``, ``all``) means its tasks.
     """
     out: list[str] = []
 
@@ -757,20 +664,20 @@ def expand_task_specs(specs: Sequence[str]) -> list[str]:
             out.append(s)
 
     for spec in specs:
-        if spec.strip() == "all":
-            for name in TASKS:
-                for s in expand_task_specs([name]):
-                    add(s)
+        name = spec.strip() if isinstance(spec, str) else spec
+        if name in SUITES:
+            for s in expand_task_specs(list(SUITES[name])):
+                add(s)
             continue
-        parsed = _parse_task(spec)
-        if parsed.name != SpikeInjection.name:
-            add(parsed.name)
+        cls, variant = _parse_task(spec)
+        if not cls.variants:
+            add(cls.name)
             continue
-        if parsed.variant is None:
-            for v in SpikeInjection.variants:
-                add(f"{parsed.name}:{v}")
-            continue
-        get_task(spec)  # validates the variant
-        add(f"{parsed.name}:{parsed.variant}")
-        add(f"{parsed.name}:clean")
+        chosen = [get_task(f"{cls.name}:{v}")
+                  for v in (cls.variants if variant is None else (variant,))]
+        for task in chosen:
+            add(task.spec)
+        for task in chosen:
+            for companion in task.companions():
+                add(companion)
     return out

@@ -13,12 +13,17 @@ import os
 import sys
 
 from gradguard._paths import output_dir
+from gradguard.bench.gpt import GPT
 from gradguard.bench.grid import DEFAULT_LRS, GridConfig, run_grid
 from gradguard.bench.methods import META_METHODS, METHODS, expand_method_specs
-from gradguard.bench.tasks import TASKS, expand_task_specs, get_task
+from gradguard.bench.tasks import SUITES, TASKS, expand_task_specs, get_task
 from gradguard.cli.checks import CLIError, missing_extra, positive_int
 
 __all__ = ["cli_arguments", "cli_main", "parse_lrs", "parse_seeds"]
+
+
+def _grid(lrs: tuple[float, ...] | None) -> str:
+    return ",".join(f"{x:g}" for x in lrs or ())
 
 
 def _csv(text: str) -> list[str]:
@@ -67,18 +72,22 @@ def parse_lrs(text: str) -> list[float]:
 def cli_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``bench`` options to ``parser``."""
     task_names = ", ".join(TASKS)
+    suites = ", ".join(SUITES)
     method_names = ", ".join(sorted([*METHODS, *META_METHODS]))
     parser.add_argument("--tasks", default="all",
-                        help=f"comma-separated task specs or 'all'. Tasks: {task_names}; "
-                        "spike-injection[:x100|nan|clean] (default: %(default)s)")
+                        help=f"comma-separated task specs or suites ({suites}). Tasks: "
+                        f"{task_names}; spike-injection[:x100|nan|clean], "
+                        "gpt[:preln|postln|corrupt|bf16] (default: %(default)s)")
     parser.add_argument("--methods", default="default",
                         help="comma-separated method specs, e.g. none,clip:1,tuned,value:1,"
                         "agc:0.01; 'default' = none,tuned,value,agc,peer-*. Methods: "
                         f"{method_names} (default: %(default)s)")
     parser.add_argument("--seeds", default="3",
                         help="a count (3 = seeds 0,1,2) or a comma list (default: %(default)s)")
-    parser.add_argument("--lrs", default=",".join(f"{x:g}" for x in DEFAULT_LRS),
-                        help="comma-separated learning-rate grid (default: %(default)s)")
+    parser.add_argument("--lrs", default=None,
+                        help="comma-separated learning-rate grid (default: each task's own: "
+                        f"{_grid(DEFAULT_LRS)} for the SGD tasks, {_grid(GPT.default_lrs)} "
+                        "for the gpt tasks)")
     parser.add_argument("--steps", type=positive_int, default=None,
                         help="training steps per run (default: each task's, 300)")
     parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
@@ -105,7 +114,7 @@ def _config(args: argparse.Namespace) -> GridConfig:
     config = GridConfig(
         tasks=_csv(args.tasks),
         methods=_csv(args.methods),
-        lrs=parse_lrs(args.lrs),
+        lrs=None if args.lrs is None else parse_lrs(args.lrs),
         seeds=parse_seeds(args.seeds),
         steps=args.steps,
         workers=args.workers,
