@@ -14,7 +14,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 
-from gradguard.policies import AGC, AdaGC, Auto, AutoClip, Fixed, StepNorms, ZClip, make_policy
+from gradguard.policies import (
+    AGC,
+    AdaGC,
+    Auto,
+    AutoClip,
+    Fixed,
+    StepNorms,
+    ThresholdPolicy,
+    ZClip,
+    make_policy,
+)
 from policy_utils import (
     EPS,
     NAN,
@@ -313,3 +323,39 @@ def test_load_state_dict_with_other_shape_config_raises(saved, target):
     run(src, [total_step(1.0)] * 3)
     with pytest.raises(ValueError, match=r"window|warmup_steps"):
         target().load_state_dict(src.state_dict())
+
+
+def test_granularity_is_declared_once_and_per_tensor_follows_it():
+    class PerTensor(ThresholdPolicy):  # a policy written against the per_tensor flag
+        per_tensor = True
+
+    class Units(ThresholdPolicy):
+        granularity = "unit"
+
+    assert PerTensor.granularity == "tensor" and PerTensor.per_tensor
+    assert Units.per_tensor is False and Fixed.granularity == "global"
+    assert AdaGC.granularity == "tensor" and AGC.granularity == "unit"
+    with pytest.raises(TypeError, match="granularity"):
+        type("Rows", (ThresholdPolicy,), {"granularity": "row"})
+
+
+def test_statistics_are_declared_once_and_saved_from_that_declaration():
+    class Counter(ThresholdPolicy):
+        name = "counter"
+        host_state = {"calls": 0}  # noqa: RUF012
+
+        def initial_state(self, num_tensors, device):
+            return {"total": torch.zeros(num_tensors, device=device)}
+
+        def compute(self, step):
+            self.total += step.norms
+            self.calls += 1
+            return torch.ones(()), torch.full((), NAN)
+
+    policy = Counter()
+    run(policy, [tensor_step([1.0, 2.0])] * 3, num_tensors=2)
+    saved = policy.state_dict()
+    assert saved["state"]["total"].tolist() == [3.0, 6.0] and saved["calls"] == 3
+    fresh = Counter()
+    fresh.load_state_dict(save_load(saved))
+    assert fresh.total.tolist() == [3.0, 6.0] and fresh.calls == 3
