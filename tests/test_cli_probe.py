@@ -145,3 +145,100 @@ def test_cli_probe_and_fix(tmp_path, capsys) -> None:
     code = main(["probe", f"{src}:deep", "--input-shape", "128", "32"])
     assert code == 1
     assert main(["probe", f"{src}:missing", "--input-shape", "4", "32"]) == 2
+
+
+KEYWORD_ZOO = """\
+import torch
+import torch.nn as nn
+
+
+class TinyLM(nn.Module):
+    def __init__(self, scale=1.0):
+        super().__init__()
+        self.config = type("Config", (), {"vocab_size": 50})()
+        self.embed = nn.Embedding(50, 16)
+        self.layers = nn.Sequential(*[nn.Sequential(nn.Linear(16, 16), nn.Tanh())
+                                      for _ in range(30)])
+        self.head = nn.Linear(16, 50)
+        with torch.no_grad():
+            for m in self.layers.modules():
+                if isinstance(m, nn.Linear):
+                    m.weight.mul_(scale)
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.head(self.layers(self.embed(input_ids)))
+
+
+def lm():
+    return TinyLM()
+
+
+def lm_with_inputs():
+    ids = torch.randint(0, 50, (8, 12), generator=torch.Generator().manual_seed(0))
+    return TinyLM(scale=6.0), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def gpt2_huge_init():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=64, n_head=4, vocab_size=256,
+                                      n_positions=64, bos_token_id=1, eos_token_id=2,
+                                      initializer_range=1.0))
+"""
+
+
+@pytest.fixture
+def keyword_zoo(tmp_path: Path) -> Path:
+    path = tmp_path / "keyword_zoo.py"
+    path.write_text(KEYWORD_ZOO)
+    return path
+
+
+def test_probe_takes_input_ids_with_the_models_vocabulary(keyword_zoo, capsys, monkeypatch):
+    seen = {}
+
+    def record(model, example, **kwargs):
+        seen["example"] = example
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(probe_cli, "probe", record)
+    refused(["probe", f"{keyword_zoo}:lm", "--input-ids-shape", "4", "9"], capsys, "stop here")
+    ids = seen["example"]["input_ids"]
+    assert set(seen["example"]) == {"input_ids"} and ids.shape == (4, 9)
+    assert int(ids.max()) < 50 and ids.dtype == torch.long  # config.vocab_size, not 1000
+
+
+def test_probe_takes_a_factory_that_returns_its_inputs(keyword_zoo, capsys, tmp_path):
+    from gradguard.cli import main
+
+    out = tmp_path / "fixed.pt"
+    argv = ["probe", f"{keyword_zoo}:lm_with_inputs", "--max-rows", "4"]
+    code = main([*argv, "--fix", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "EXPLODING" in text and "healthy" in text and "fixed state_dict written" in text
+    refused(["probe", f"{keyword_zoo}:lm_with_inputs", "--input-shape", "4", "8"], capsys,
+            "returned (model, example_inputs)", "drop --input-shape")
+
+
+def test_probe_refuses_missing_inputs_and_bad_keyword_inputs(keyword_zoo, capsys, no_work):
+    refused(["probe", f"{keyword_zoo}:lm"], capsys, "no example inputs", "--input-ids-shape")
+    refused(["probe", f"{keyword_zoo}:lm", "--input-ids-shape", "4", "9", "--vocab", "60"],
+            capsys, "forward fails on --input-ids-shape 4 9", "IndexError")
+
+
+def test_probe_fixes_a_hugging_face_model_from_its_config(keyword_zoo, capsys, tmp_path):
+    pytest.importorskip("transformers")
+    from gradguard.cli import main
+
+    argv = ["probe", f"{keyword_zoo}:gpt2_huge_init", "--input-ids-shape", "4", "16",
+            "--max-rows", "4"]
+    assert main(argv) == 1
+    assert "EXPLODING" in capsys.readouterr().out
+    out = tmp_path / "gpt2.pt"
+    assert main([*argv, "--fix", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "Conv1D" in text and "NOT INITIALISED" not in text
+    assert "healthy" in text.split("fixed state_dict")[0].split("init_model")[-1]
+    state = torch.load(out)
+    assert state["transformer.h.0.attn.c_attn.weight"].shape == (64, 192)  # (in, out): Conv1D

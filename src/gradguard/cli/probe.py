@@ -1,11 +1,15 @@
 """``gradguard probe MODULE:FACTORY --input-shape N ...``: the probe from the command line.
 
-Loads the model from a zero-argument factory (an importable module or a ``.py`` path),
-draws random inputs of the given shapes, checks in one forward pass that the model takes
-them, runs :func:`gradguard.probe` and prints its summary and per-layer table; with
-``--fix OUT.pt`` it applies the recommended initialisation, probes again and saves the
-fixed ``state_dict``. The exit status is 0 when the (final) verdict is healthy, 1
-otherwise, 2 for input refused before probing.
+Loads the model from a zero-argument factory (an importable module or a ``.py`` path). The
+example inputs are random inputs of the shapes given (``--input-shape`` per positional
+argument; ``--input-ids-shape B T`` for a keyword ``input_ids``, as Hugging Face models
+take, with ids below the model's ``config.vocab_size``), or the factory returns them itself
+as ``(model, example_inputs)`` (anything :func:`gradguard.probe` takes: a tensor, a tuple,
+a dict of keyword arguments). One forward pass checks that the model takes them, then
+:func:`gradguard.probe` runs and its summary and per-layer table are printed; with
+``--fix OUT.pt`` the recommended initialisation is applied, the model probed again and the
+fixed ``state_dict`` saved (or the reason it could not be fixed printed). The exit status is
+0 when the (final) verdict is healthy, 1 otherwise, 2 for input refused before probing.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from torch import nn
 
 from gradguard._paths import output_file
 from gradguard.cli.checks import CLIError, positive_int
+from gradguard.signal.inputs import Call, as_batches
 from gradguard.signal.probe import probe
 
 __all__ = ["cli_arguments", "cli_main", "load_factory"]
@@ -33,16 +38,24 @@ def cli_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``gradguard probe`` arguments to ``parser``."""
     parser.add_argument("target", metavar="MODULE:FACTORY",
                         help="an importable module (or a .py path) and a zero-argument "
-                             "callable returning an nn.Module, e.g. mypkg.models:build")
+                             "callable returning an nn.Module, or (model, example_inputs), "
+                             "e.g. mypkg.models:build")
     parser.add_argument("--input-shape", type=positive_int, nargs="+", action="append",
-                        required=True, metavar="N",
+                        metavar="N",
                         help="shape of one input batch, batch first, e.g. --input-shape 64 3 "
-                             "32 32 (repeat the option for several inputs; required)")
+                             "32 32 (repeat the option for several positional inputs; "
+                             "default: none, the inputs FACTORY returns)")
+    parser.add_argument("--input-ids-shape", type=positive_int, nargs="+", metavar="N",
+                        help="shape of a keyword input input_ids of token ids, e.g. "
+                             "--input-ids-shape 8 128 for a Hugging Face model (ids below "
+                             "the model's config.vocab_size, or --vocab; default: none)")
     parser.add_argument("--input-dtype", choices=("float32", "float64", "long"),
                         default="float32",
-                        help="inputs are N(0,1) floats or integer ids (default: %(default)s)")
-    parser.add_argument("--vocab", type=positive_int, default=1000,
-                        help="integer inputs are drawn from [0, vocab) (default: %(default)s)")
+                        help="--input-shape inputs are N(0,1) floats or integer ids "
+                             "(default: %(default)s)")
+    parser.add_argument("--vocab", type=positive_int, default=None,
+                        help="integer inputs are drawn from [0, vocab) (default: the model's "
+                             "config.vocab_size, else 1000)")
     parser.add_argument("--n-batches", type=positive_int, default=1,
                         help="batches to average (default: %(default)s)")
     parser.add_argument("--eval", action="store_true",
@@ -126,16 +139,42 @@ def load_factory(target: str) -> Callable[[], nn.Module]:
     return fn
 
 
-def _cli_inputs(args: argparse.Namespace) -> Any:
+def _vocab(args: argparse.Namespace, model: nn.Module) -> int:
+    """``--vocab``, else the model's ``config.vocab_size`` (Hugging Face), else 1000."""
+    if args.vocab is not None:
+        return int(args.vocab)
+    size = getattr(getattr(model, "config", None), "vocab_size", None)
+    return size if isinstance(size, int) and size > 0 else 1000
+
+
+def _cli_inputs(args: argparse.Namespace, model: nn.Module) -> Any:
+    """The random inputs the shape options describe, or None if there are none."""
     gen = torch.Generator().manual_seed(args.seed)
+    vocab = _vocab(args, model)
     inputs = []
-    for shape in args.input_shape:
+    for shape in args.input_shape or []:
         if args.input_dtype == "long":
-            inputs.append(torch.randint(0, args.vocab, tuple(shape), generator=gen))
+            inputs.append(torch.randint(0, vocab, tuple(shape), generator=gen))
         else:
             inputs.append(torch.randn(tuple(shape), generator=gen,
                                       dtype=getattr(torch, args.input_dtype)))
+    ids_shape = getattr(args, "input_ids_shape", None)
+    if ids_shape:
+        ids = {"input_ids": torch.randint(0, vocab, tuple(ids_shape), generator=gen)}
+        return Call(tuple(inputs), ids) if inputs else ids
+    if not inputs:
+        return None
     return inputs[0] if len(inputs) == 1 else tuple(inputs)
+
+
+def _describe(args: argparse.Namespace) -> str:
+    """The inputs, as the options that gave them (or the factory)."""
+    parts = [f"{args.input_dtype} inputs --input-shape {' '.join(map(str, s))}"
+             for s in args.input_shape or []]
+    ids_shape = getattr(args, "input_ids_shape", None)
+    if ids_shape:
+        parts.append(f"--input-ids-shape {' '.join(map(str, ids_shape))}")
+    return " ".join(parts) if parts else "the example inputs FACTORY returned"
 
 
 def _check_forward(model: nn.Module, example: Any, args: argparse.Namespace) -> None:
@@ -149,27 +188,52 @@ def _check_forward(model: nn.Module, example: Any, args: argparse.Namespace) -> 
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
+        call_args, call_kwargs = as_batches(example, 1)[0]
         with torch.no_grad():
-            model(*example) if isinstance(example, tuple) else model(example)
+            model(*call_args, **call_kwargs)
     except Exception as e:  # whatever the user's forward raises on these inputs
-        shapes = " ".join(f"--input-shape {' '.join(map(str, s))}" for s in args.input_shape)
         complaint = (str(e).strip().splitlines() or [""])[0]
         raise ValueError(
-            f"the model's forward fails on {args.input_dtype} inputs {shapes}: "
-            f"{type(e).__name__}: {complaint} (give the shape of one batch, batch first, "
-            "one --input-shape per forward argument, and the right --input-dtype)") from None
+            f"the model's forward fails on {_describe(args)}: {type(e).__name__}: "
+            f"{complaint} (give the shape of one batch, batch first, one --input-shape per "
+            "forward argument, and the right --input-dtype; --input-ids-shape for a keyword "
+            "input_ids)") from None
     finally:
         for m, training in modes:
             m.training = training
+
+
+def _model_and_inputs(built: Any, args: argparse.Namespace) -> tuple[nn.Module, Any]:
+    """The model and its example inputs, from what FACTORY returned and the options.
+
+    Raises:
+        CLIError: FACTORY returned no module, or inputs both from itself and the options,
+            or there are no inputs at all.
+    """
+    shapes = bool(args.input_shape) or bool(getattr(args, "input_ids_shape", None))
+    if isinstance(built, tuple) and len(built) == 2 and isinstance(built[0], nn.Module):
+        if shapes:
+            raise CLIError(f"{args.target} returned (model, example_inputs): drop "
+                           "--input-shape/--input-ids-shape, or return the model alone")
+        return built[0], built[1]
+    if not isinstance(built, nn.Module):
+        raise CLIError(f"{args.target} returned {type(built).__name__}, not an nn.Module; "
+                       "FACTORY must return the model, or (model, example_inputs)")
+    example = _cli_inputs(args, built)
+    if example is None:
+        raise CLIError("no example inputs: give --input-shape N ... (one per positional "
+                       "input, batch first), --input-ids-shape B T (a keyword input_ids), or "
+                       "a FACTORY that returns (model, example_inputs)")
+    return built, example
 
 
 def cli_main(args: argparse.Namespace) -> int:
     """Run ``gradguard probe``: print the table and verdict; exit 0 iff (finally) healthy.
 
     Raises:
-        CLIError: before probing, for a target that does not load, a factory
-            that needs arguments or returns no module, inputs the model does not accept or
-            a ``--fix`` path that cannot be written.
+        CLIError: before probing, for a target that does not load, a factory that needs
+            arguments or returns no module, missing inputs, inputs the model does not
+            accept or a ``--fix`` path that cannot be written.
     """
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     try:
@@ -179,31 +243,36 @@ def cli_main(args: argparse.Namespace) -> int:
     except (TypeError, ValueError) as e:
         raise CLIError(str(e)) from None
     try:
-        model = factory()
+        built = factory()
     except Exception as e:  # the user's factory failed: one line, not our traceback
         raise CLIError(f"{args.target}() raised {type(e).__name__}: {e}") from None
-    if not isinstance(model, nn.Module):
-        raise CLIError(f"{args.target} returned {type(model).__name__}, not an nn.Module; "
-                       "FACTORY must return the model")
-    example = _cli_inputs(args)
+    model, example = _model_and_inputs(built, args)
     try:
         _check_forward(model, example, args)
         report = probe(model, example, n_batches=args.n_batches, train=not args.eval,
                        tolerance=args.tolerance, seed=args.seed)
-    except ValueError as e:  # e.g. no parameter requires grad
+    except (TypeError, ValueError) as e:  # e.g. no parameter requires grad
         raise CLIError(str(e)) from None
     print(report.summary())
     print(report.table(max_rows=args.max_rows))
-    final = report
-    if fix is not None:
-        result = report.fix(model, force=False)
-        print()
-        print(result.init if result.init is not None else "nothing to fix")
-        print()
-        print(result.after.summary())
-        print(result.after.table(max_rows=args.max_rows))
-        fix.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), fix)
-        print(f"\nfixed state_dict written to {fix}")
-        final = result.after
-    return 0 if final.verdict == "healthy" else 1
+    if fix is None:
+        return 0 if report.verdict == "healthy" else 1
+    return _fix(model, report, fix, args.max_rows)
+
+
+def _fix(model: nn.Module, report: Any, out: Path, max_rows: int) -> int:
+    """Apply the fix, print what it did, save the state_dict; 0 iff the model is healthy."""
+    result = report.fix(model, force=False)
+    print()
+    print(result.init if result.init is not None else "nothing to fix")
+    print()
+    print(result.after.summary())
+    print(result.after.table(max_rows=max_rows))
+    if result.restored:
+        print(f"\nNOT FIXED: {result.reason}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), out)
+    what = "original (unfixed)" if result.restored else "fixed"
+    print(f"\n{what} state_dict written to {out}")
+    healthy = result.after.verdict == "healthy" and not result.restored
+    return 0 if healthy or (result.init is None and report.verdict == "healthy") else 1

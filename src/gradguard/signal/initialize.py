@@ -48,7 +48,14 @@ branch. ``residual="gpt2"`` multiplies the last layer of each of the ``B`` branc
 ``1/sqrt(B)`` (GPT-2's ``1/sqrt(2N)`` for ``N`` layers of two branches), ``"fixup"`` zeroes
 it and scales the other branch layers by ``B^(-1/(2m-2))`` (Zhang et al. 2019), and
 ``"deepnorm"`` scales the branch layers (value and output projections, feed-forward) by
-``beta = (8N)^(-1/4)`` with ``N = B/2`` (Wang et al. 2022).
+``beta = (8N)^(-1/4)`` with ``N = B/2`` (Wang et al. 2022). A Pre-LN branch (it normalises
+its input; the stream does not) outputs at the scale its weights set, while the stream keeps
+the embedding's scale (std 0.02 in GPT-2 and Llama): with ``data``, ``"gpt2"`` then scales
+the branch's last layer so that its output RMS on the batch is the stream's RMS (at its
+smallest token: a ViT's class token) over ``sqrt(B)``, the same rule at the stream's scale.
+
+Layers are recognised by what they do (:mod:`gradguard.signal.modules`): ``transformers``'
+``Conv1D`` is a linear layer with a transposed weight, a custom RMSNorm a normalisation.
 
 References:
     Saxe, McClelland, Ganguli 2014, "Exact solutions to the nonlinear dynamics of learning
@@ -75,8 +82,8 @@ from torch import Tensor, nn
 
 from gradguard.signal.inputs import as_batches, isolated, tensors_in
 from gradguard.signal.measure import measure
-from gradguard.signal.modules import ATOMIC, CONV
-from gradguard.signal.planner import HANDLED, InitEntry, InitTracer, Planner
+from gradguard.signal.modules import ATOMIC, CONV, linear_layout
+from gradguard.signal.planner import InitEntry, InitTracer, Planner, has_rule
 from gradguard.signal.tracing import Rec, Residual, Tracer, static_records
 from gradguard.signal.verdict import DEFAULT_TOLERANCE, judge
 
@@ -335,6 +342,8 @@ def _plan_residual(planner: Planner, residuals: list[Residual], kind: str,
         f = 1.0 / math.sqrt(b)
         for r in usable:
             planner.scale[r.out_layer] = (f, f"gpt2: 1/sqrt({b} branches)")  # type: ignore[index]
+            if _pre_norm(planner, r) and planner.data_driven:
+                planner.stream_scale[r.out_layer] = (r.skip_node, b)  # type: ignore[index]
     elif kind == "fixup":
         for r in usable:
             planner.scale[r.out_layer] = (0.0, "fixup: last layer of the branch zeroed")  # type: ignore[index]
@@ -351,11 +360,19 @@ def _plan_residual(planner: Planner, residuals: list[Residual], kind: str,
             planner.scale[r.out_layer] = (beta, f"deepnorm: beta=(8N)^-1/4, N={n:g}")  # type: ignore[index]
             for i in r.members:
                 mod = planner.recs[i].module
-                if i != r.out_layer and isinstance(mod, (nn.Linear, *CONV)):
+                if i != r.out_layer and mod is not None and (
+                    isinstance(mod, CONV) or linear_layout(mod) is not None
+                ):
                     planner.member_scale[i] = (beta, "deepnorm beta")
         report.notes.append(
             f"deepnorm also needs the residual written as x * alpha + f(x) with alpha = "
             f"(2N)^(1/4) = {(2 * n) ** 0.25:.3g} (Post-LN); init_model cannot change forward()")
+
+
+def _pre_norm(planner: Planner, r: Residual) -> bool:
+    """A Pre-LN branch: it normalises its input, and the stream it adds to is not
+    normalised (so the stream keeps the embedding's scale)."""
+    return not r.skip_normed and any(planner.recs[i].normed_input for i in r.members)
 
 
 def _report_unhandled(model: nn.Module, report: InitReport, strict: bool) -> None:
@@ -367,7 +384,7 @@ def _report_unhandled(model: nn.Module, report: InitReport, strict: bool) -> Non
             inside.append(name)
             continue
         own = [pn for pn, _ in m.named_parameters(recurse=False)]
-        if not own or isinstance(m, HANDLED):
+        if not own or has_rule(m):
             continue
         label = name or "<root>"
         report.unhandled.append(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,11 +22,11 @@ from torch import Tensor, nn
 
 from gradguard.engine.norms import tensor_norms
 from gradguard.signal.activations import RELU_FAMILY
-from gradguard.signal.inputs import isolated, tensors_in
-from gradguard.signal.modules import fan_in
-from gradguard.signal.tracing import Rec, Tracer
+from gradguard.signal.inputs import isolated, output_tensors, tensors_in
+from gradguard.signal.modules import CONV, fan_in, is_understood, linear_layout
+from gradguard.signal.tracing import Rec, Residual, Tracer
 
-__all__ = ["LayerStats", "Measurement", "ProbeTracer", "measure"]
+__all__ = ["LayerStats", "Measurement", "ProbeTracer", "StreamPoint", "measure"]
 
 SMOOTH_SATURATING = {"tanh": 0.964, "hardtanh": 1.0}  # |y| beyond this: tanh'(z) < 0.07
 
@@ -43,6 +43,13 @@ class LayerStats:
     ``fwd_cum`` = RMS(out)/RMS(out of the first parametrised layer), ``bwd_gain`` =
     |grad wrt this call's input| / |grad wrt its output|, ``bwd_cum`` = |grad wrt its
     output| / |grad wrt the model output|. ``None`` where not measurable.
+
+    Recurrent modules: from a random cotangent on the *last* output step alone,
+    ``time_gain`` = |grad wrt the first input step| / |grad wrt the last input step| (the
+    product of the recurrent Jacobians over the sequence) and ``time_gain_far`` = |grad wrt
+    the first step| / |grad wrt the middle step| (the far half alone: growth that goes on,
+    not a build-up over the last steps).
+    ``known`` is False for a parametrised module no rule understands (an unknown module).
     """
 
     index: int
@@ -66,11 +73,37 @@ class LayerStats:
     weight_gain: float | None = None
     chi: float | None = None
     time_gain: float | None = None
+    time_gain_far: float | None = None
     feed: str | None = None
     follow: str | None = None
     gated: bool = False
     residual_out: bool = False
     branch: str | None = None
+    known: bool = True
+
+
+@dataclass
+class StreamPoint:
+    """The residual stream at one residual addition: the skip value going in (``role="skip"``)
+    or the sum coming out (``"sum"``), in execution order.
+
+    ``rms`` is the value's RMS, ``bwd_cum`` = |grad wrt the value| / |grad wrt the model
+    output|, ``after`` the last record executed before the addition, ``order`` how many
+    records ran before it (to place it among the layers).
+    """
+
+    index: int
+    residual: int
+    role: str
+    order: int
+    after: str
+    rms: float
+    bwd_cum: float | None
+
+    @property
+    def name(self) -> str:
+        """``"residual 3 sum"``: the stream after the third residual branch."""
+        return f"residual {self.residual + 1} {self.role}"
 
 
 class ProbeTracer(Tracer):
@@ -83,8 +116,37 @@ class ProbeTracer(Tracer):
         self.in_grads: dict[int, list[Tensor | None]] = {}
         self.in_clones: dict[int, list[Tensor]] = {}
         self.time_dim: dict[int, int] = {}
+        self.rnn_out: dict[int, Tensor] = {}  # an RNN record's output sequence
+        self.stream: list[dict[str, Any]] = []  # the residual stream, see StreamPoint
+        self.stream_ids: set[int] = set()
+        self.tapping = True  # gradient taps record only the main backward pass
+
+    def tap(self, store: list[Tensor]) -> Callable[[Tensor], None]:
+        """A gradient hook that appends to ``store`` during the main backward pass."""
+        def hook(g: Tensor) -> None:
+            if self.tapping:
+                store.append(g)
+
+        return hook
+
+    def on_residual(self, residual: Residual, skip: Tensor, out: Tensor) -> None:
+        """Record the stream going into and out of a residual addition (each value once)."""
+        for role, t in (("skip", skip), ("sum", out)):
+            if id(t) in self.stream_ids:
+                continue  # the sum of one branch is the skip of the next
+            self.stream_ids.add(id(t))
+            grads: list[Tensor] = []
+            if t.requires_grad:
+                t.register_hook(self.tap(grads))
+            with torch.no_grad():
+                ms = float(t.detach().float().pow(2).mean()) if t.numel() else 0.0
+            after = self.recs[residual.order - 1].name if residual.order > 0 else ""
+            self.stream.append({"residual": len(self.residuals) - 1, "role": role,
+                                "order": residual.order, "after": after, "ms": ms,
+                                "grads": grads})
 
     def tap_inputs(self, rec: Rec, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Replace the floating inputs by clones whose gradients are tapped."""
         memo: dict[int, Tensor] = {}
         grads = self.in_grads.setdefault(rec.index, [])
         clones = self.in_clones.setdefault(rec.index, [])
@@ -102,7 +164,12 @@ class ProbeTracer(Tracer):
                 # may get its gradient before the input sequence does)
                 slot = len(grads)
                 grads.append(None)
-                c.register_hook(lambda g, slot=slot: grads.__setitem__(slot, g))
+
+                def keep(g: Tensor, slot: int = slot) -> None:
+                    if self.tapping:
+                        grads[slot] = g
+
+                c.register_hook(keep)
                 memo[id(t)] = c
                 clones.append(c)
             return memo[id(t)]
@@ -112,10 +179,13 @@ class ProbeTracer(Tracer):
         return tuple(sub(a) for a in args), {k: sub(v) for k, v in kwargs.items()}
 
     def on_output(self, rec: Rec, outs: list[Tensor]) -> None:
+        """Tap the output gradients; record forward statistics (and an RNN's output)."""
         grads = self.out_grads.setdefault(rec.index, [])
         for t in outs:
             if t.requires_grad:
-                t.register_hook(grads.append)
+                t.register_hook(self.tap(grads))
+        if rec.index in self.time_dim and outs and outs[0].requires_grad:
+            self.rnn_out[rec.index] = outs[0]
         y = next((t for t in outs if t.is_floating_point()), None)
         stats: dict[str, Any] = {"shape": None, "ms": math.nan, "mean": math.nan}
         if y is not None:
@@ -147,17 +217,16 @@ class ProbeTracer(Tracer):
         return {}
 
 
-# --------------------------------------------------------------------------------------
-# probe()
-
 @dataclass
 class Measurement:
-    """What :func:`measure` found: the layers (averaged over the batches), the trace of the
-    last batch (records, residual branches) and the zero-initialised head, if any."""
+    """What :func:`measure` found: the layers and the residual stream (averaged over the
+    batches), the trace of the last batch (records, residual branches) and the
+    zero-initialised head, if any."""
 
     layers: list[LayerStats]
     tracer: ProbeTracer
     head_zero: int | None
+    stream: list[StreamPoint] = field(default_factory=list)
 
 
 def measure(model: nn.Module, batches: list[tuple[tuple, dict]], *,
@@ -193,7 +262,8 @@ def measure(model: nn.Module, batches: list[tuple[tuple, dict]], *,
         if raw["names"] != names:
             raise ValueError("the model took different paths on different batches; probe "
                              "them separately (n_batches=1)")
-    return Measurement(_assemble(tracer.recs, raws), tracer, raws[0]["head_zero"])
+    return Measurement(_assemble(tracer.recs, raws), tracer, raws[0]["head_zero"],
+                       _assemble_stream(raws))
 
 
 def _run_batch(model: nn.Module, tracer: ProbeTracer, batch: tuple[tuple, dict],
@@ -216,7 +286,7 @@ def _run_batch(model: nn.Module, tracer: ProbeTracer, batch: tuple[tuple, dict],
         for t in inputs:
             tracer.add_input(t)
         output = model(*args, **kwargs)
-    outs = [t for t in tensors_in(output) if t.is_floating_point() and t.requires_grad]
+    outs = [t for t in output_tensors(output) if t.is_floating_point() and t.requires_grad]
     if not outs:
         raise ValueError("nothing in the model's output requires grad: make sure some "
                          "parameters have requires_grad=True or the input is floating point")
@@ -245,9 +315,33 @@ def _run_batch(model: nn.Module, tracer: ProbeTracer, batch: tuple[tuple, dict],
             t.register_hook(model_grads.append)
         roots, grads_out = [loss.reshape(())], [torch.ones((), dtype=loss.dtype,
                                                           device=loss.device)]
-    grads = torch.autograd.grad(roots, leaves, grads_out, allow_unused=True)
+    grads = torch.autograd.grad(roots, leaves, grads_out, allow_unused=True,
+                                retain_graph=bool(tracer.rnn_out))
     pgrads = dict(zip(params, grads[: len(params)], strict=True))
-    return _raw(tracer, pgrads, model_grads, head_zero)
+    return _raw(tracer, pgrads, model_grads, head_zero, _time_grads(tracer, gen))
+
+
+def _time_grads(tracer: ProbeTracer, gen: torch.Generator) -> dict[int, Tensor]:
+    """Per RNN record, the gradient of its input sequence from a random cotangent on its
+    *last* output step alone: ``|grad at step 0| / |grad at the last step|`` is then the
+    product of the recurrent Jacobians over the sequence (Pascanu et al. 2013), not a sum
+    of contributions from every output step."""
+    out: dict[int, Tensor] = {}
+    tracer.tapping = False
+    try:
+        for idx, y in tracer.rnn_out.items():
+            clones, d = tracer.in_clones.get(idx), tracer.time_dim[idx]
+            if not clones or y.ndim != 3 or clones[0].ndim != 3 or y.shape[d] < 2:
+                continue
+            last = y.select(d, y.shape[d] - 1)
+            cot = torch.randn(tuple(last.shape), generator=gen).to(last)
+            (g,) = torch.autograd.grad(last, clones[0], cot, retain_graph=True,
+                                       allow_unused=True)
+            if g is not None:
+                out[idx] = g
+    finally:
+        tracer.tapping = True
+    return out
 
 
 def _zero_head(tracer: ProbeTracer, outs: list[Tensor]) -> int | None:
@@ -278,7 +372,8 @@ def _safe_norms(ts: list[Tensor]) -> Tensor:
 
 
 def _raw(tracer: ProbeTracer, pgrads: dict[Tensor, Tensor | None],
-         model_grads: list[Tensor], head_zero: int | None) -> dict[str, Any]:
+         model_grads: list[Tensor], head_zero: int | None,
+         time_grads: dict[int, Tensor]) -> dict[str, Any]:
     """Per-record sums of squares for one batch (norms from the norm engine)."""
     recs = tracer.recs
     flat: list[Tensor] = []
@@ -296,12 +391,13 @@ def _raw(tracer: ProbeTracer, pgrads: dict[Tensor, Tensor | None],
             "param", "norm")) else []
         put(("w", r.index), mod_params)
         put(("g", r.index), [pgrads.get(p) for p in mod_params])  # type: ignore[misc]
-        if r.index in tracer.time_dim and tracer.in_grads.get(r.index):
-            g = tracer.in_grads[r.index][0]  # the input sequence's gradient
-            d = tracer.time_dim[r.index]
-            if g is not None and g.ndim == 3 and g.shape[d] > 1:
-                put(("t0", r.index), [g.select(d, 0)])
-                put(("t1", r.index), [g.select(d, g.shape[d] - 1)])
+        if r.index in time_grads:
+            g, d = time_grads[r.index], tracer.time_dim[r.index]
+            put(("t0", r.index), [g.select(d, 0)])
+            put(("tm", r.index), [g.select(d, g.shape[d] // 2)])
+            put(("t1", r.index), [g.select(d, g.shape[d] - 1)])
+    for i, point in enumerate(tracer.stream):
+        put(("stream", i), point["grads"])
     put(("model", -1), model_grads)
     norms = _safe_norms(flat).pow(2).tolist() if flat else []
 
@@ -320,10 +416,12 @@ def _raw(tracer: ProbeTracer, pgrads: dict[Tensor, Tensor | None],
             "spread": f.get("spread"),
             "dead": f.get("dead"), "out2": sq(("out", r.index)), "in2": sq(("in", r.index)),
             "w2": sq(("w", r.index)), "g2": sq(("g", r.index)),
-            "t0": sq(("t0", r.index)), "t1": sq(("t1", r.index)),
+            "t0": sq(("t0", r.index)), "t1": sq(("t1", r.index)), "tm": sq(("tm", r.index)),
         })
+    stream = [{**{k: v for k, v in p.items() if k != "grads"}, "g2": sq(("stream", i))}
+              for i, p in enumerate(tracer.stream)]
     return {"names": [r.name for r in recs], "per": per, "model2": sq(("model", -1)),
-            "head_zero": head_zero}
+            "head_zero": head_zero, "stream": stream}
 
 
 def _mean(vals: list[float | None]) -> float | None:
@@ -366,13 +464,15 @@ def _assemble(recs: list[Rec], raws: list[dict[str, Any]]) -> list[LayerStats]:
             lay.fwd_gain = lay.rms / lay.rms_in
         t0, t1 = _mean([p["t0"] for p in ps]), _mean([p["t1"] for p in ps])
         lay.time_gain = _ratio(t0, t1)
+        lay.time_gain_far = _ratio(t0, _mean([p["tm"] for p in ps]))
         mod = r.module
         w = getattr(mod, "weight", None) if mod is not None else None
-        if r.kind == "param" and isinstance(w, Tensor) and w.ndim >= 2 and isinstance(
-            mod, (nn.Linear, nn.modules.conv._ConvNd)
+        if r.kind == "param" and isinstance(w, Tensor) and w.ndim >= 2 and (
+            isinstance(mod, CONV) or linear_layout(mod) is not None  # type: ignore[arg-type]
         ):
             wf = w.detach().float()
             lay.weight_gain = math.sqrt(fan_in(w, mod) * float(wf.pow(2).mean()))
+        lay.known = mod is None or is_understood(mod)
         if r.feed is not None:
             feed = recs[r.feed]
             lay.feed = feed.act
@@ -384,5 +484,18 @@ def _assemble(recs: list[Rec], raws: list[dict[str, Any]]) -> list[LayerStats]:
     return layers
 
 
-# --------------------------------------------------------------------------------------
-# Verdict and diagnosis
+def _assemble_stream(raws: list[dict[str, Any]]) -> list[StreamPoint]:
+    """The residual stream, averaged over the batches (empty if the batches disagree)."""
+    streams = [raw["stream"] for raw in raws]
+    if any(len(st) != len(streams[0]) for st in streams):
+        return []
+    model2 = _mean([r["model2"] for r in raws])
+    points = []
+    for i, first in enumerate(streams[0]):
+        ms = _mean([st[i]["ms"] for st in streams])
+        g2 = [st[i]["g2"] for st in streams]
+        points.append(StreamPoint(
+            index=i, residual=first["residual"], role=first["role"], order=first["order"],
+            after=first["after"], rms=math.sqrt(ms) if ms is not None else math.nan,
+            bwd_cum=_ratio(_mean(g2), model2) if all(v is not None for v in g2) else None))
+    return points

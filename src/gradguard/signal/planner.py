@@ -4,15 +4,18 @@
 statistics) and the traced path (each layer initialised just before it runs, from the
 statistics of its actual input, by :class:`InitTracer`). Per layer type:
 
-* Linear and convolutions (``scheme="auto"``): He next to the ReLU family; orthogonal at
+* Linear layers (``nn.Linear``, ``transformers``' ``Conv1D`` whose weight is ``(in, out)``)
+  and convolutions (``scheme="auto"``): He next to the ReLU family; orthogonal at
   the critical gain (``chi_1 = 1``) after tanh, sigmoid (with a mean-centring bias), ELU,
   SELU; orthogonal variance-preserving after GELU, SiLU, Mish (no stable fixed point); unit
   pre-activation second moment when fed by data or a normalised stream; gain 1 otherwise.
 * LSTM/GRU/RNN: per-gate orthogonal recurrent blocks, per-gate Xavier input blocks, LSTM
   forget-gate bias 1 (Jozefowicz et al. 2015).
-* ``nn.MultiheadAttention``: Xavier per q/k/v block. Norms: weight 1, bias 0.
+* ``nn.MultiheadAttention``: Xavier per q/k/v block. Norms (torch's, or any scale-invariant
+  module such as a custom RMSNorm): weight 1, bias 0.
 * Residual factors (:attr:`Planner.scale`, :attr:`Planner.member_scale`) multiply a layer
-  after its rule.
+  after its rule; :attr:`Planner.stream_scale` scales a Pre-LN branch's last layer to the
+  stream's RMS on the batch (GPT-2's rule at the stream's scale).
 
 Frozen parameters and parameters tied to a module initialised earlier are kept.
 
@@ -30,10 +33,10 @@ import torch
 from torch import Tensor, nn
 
 from gradguard.signal.activations import CENTERED, RELU_FAMILY, is_unstable, moments
-from gradguard.signal.modules import ATOMIC, CONV, NORMS, fan_in
+from gradguard.signal.modules import ATOMIC, CONV, EMBEDDINGS, fan_in, is_norm, linear_layout
 from gradguard.signal.tracing import Rec, Tracer
 
-__all__ = ["HANDLED", "InitEntry", "InitTracer", "Planner", "draw"]
+__all__ = ["InitEntry", "InitTracer", "Planner", "draw", "has_rule"]
 
 
 @dataclass
@@ -67,8 +70,21 @@ def _assign(p: Tensor, value: Tensor) -> None:
     p.copy_(value.to(dtype=p.dtype))
 
 
-# the module types the planner has a rule for (everything else is reported as unhandled)
-HANDLED = (nn.Linear, *CONV, *ATOMIC, *NORMS, nn.Embedding, nn.EmbeddingBag, nn.PReLU)
+def has_rule(m: nn.Module) -> bool:
+    """Whether the planner has a rule for ``m`` (everything else is reported as unhandled):
+    linear layers (either weight layout), convolutions, RNNs, attention, normalisations,
+    embeddings and PReLU."""
+    return (isinstance(m, (*CONV, *ATOMIC, *EMBEDDINGS, nn.PReLU))
+            or linear_layout(m) is not None or is_norm(m))
+
+
+def _is_linear(m: nn.Module) -> bool:
+    return isinstance(m, CONV) or linear_layout(m) is not None
+
+
+def _oriented(w: Tensor, m: nn.Module) -> Tensor:
+    """The weight as ``(out, in, *kernel)``: a transposed linear weight is transposed back."""
+    return w.T if w.ndim == 2 and linear_layout(m) == "in_out" else w
 
 
 class Planner:
@@ -94,6 +110,10 @@ class Planner:
         self.done_modules: set[int] = set()
         self.done_params: set[int] = set()  # ids of parameters already claimed by a module
         self.live: list[Rec] | None = None  # records of the pass being initialised
+        self.live_values: dict[int, Tensor] = {}  # value node -> tensor in that pass
+        # residual branches scaled against the stream they add to: record -> (skip node,
+        # number of branches), measured on the batch (Pre-LN branches)
+        self.stream_scale: dict[int, tuple[int, int]] = {}
 
     # -- helpers -----------------------------------------------------------------------
     def _act(self, idx: int | None) -> Rec | None:
@@ -197,7 +217,7 @@ class Planner:
 
     def _init_module(self, rec: Rec, m: nn.Module, x: Tensor | None, lsuv: bool) -> None:
         n_before = len(self.entries)
-        if isinstance(m, (nn.Linear, *CONV)):
+        if _is_linear(m):
             self._init_linear(rec, x)
             if lsuv and x is not None:
                 self._lsuv(rec, x)
@@ -205,15 +225,13 @@ class Planner:
             self._init_rnn(rec.name, m)
         elif isinstance(m, nn.MultiheadAttention):
             self._init_mha(rec, m)
-        elif isinstance(m, NORMS):
+        elif is_norm(m):
             with torch.no_grad():
-                w, b = getattr(m, "weight", None), getattr(m, "bias", None)
-                if isinstance(w, Tensor):
-                    w.fill_(1.0)
-                if isinstance(b, Tensor):
-                    b.zero_()
-            self.entries.append(InitEntry(rec.name, type(m).__name__,
-                                                 "weight 1, bias 0"))
+                for pn, p in m.named_parameters(recurse=False):
+                    # a custom norm's shift may be called beta or offset, its scale anything
+                    shift = any(k in pn.lower() for k in ("bias", "beta", "shift", "offset"))
+                    p.fill_(0.0 if shift else 1.0)
+            self.entries.append(InitEntry(rec.name, type(m).__name__, "weight 1, bias 0"))
         elif isinstance(m, (nn.Embedding, nn.EmbeddingBag, nn.PReLU)):
             self.entries.append(InitEntry(rec.name, type(m).__name__,
                                                  "kept (default init)"))
@@ -224,10 +242,36 @@ class Planner:
             f, why = self.member_scale[rec.index]
             self._scale_module(m, f)
             entry.action += f"; x{f:.3g} ({why})"
-        if rec.index in self.scale:
+        if rec.index in self.stream_scale and x is not None:
+            self._scale_to_stream(rec, m, x, entry)
+        elif rec.index in self.scale:
             f, why = self.scale[rec.index]
             self._scale_out(m, f)
             entry.action += f"; output x{f:.3g} ({why})"
+
+    def _scale_to_stream(self, rec: Rec, m: nn.Module, x: Tensor, entry: InitEntry) -> None:
+        """GPT-2's rule against the stream's own scale: the branch's last layer is scaled so
+        that its output RMS on the batch is the stream's RMS over sqrt(B), the stream's RMS
+        taken at its smallest token (a class token or a position table of std 0.02 next to
+        unit-scale patch embeddings would otherwise be swamped by the first branch).
+
+        A Pre-LN branch sees a normalised input, so its output scale is set by its weights
+        alone, while the stream keeps the scale of the embedding (std 0.02 in GPT-2): the
+        fixed factor 1/sqrt(B) would let B unit-scale branches swamp it."""
+        skip_node, b = self.stream_scale[rec.index]
+        skip = self.live_values.get(skip_node)
+        with torch.no_grad():
+            y = m.forward(x)
+        stream = _smallest_token_rms(skip) if isinstance(skip, Tensor) else None
+        if stream is None or not isinstance(y, Tensor):
+            f = 1.0 / math.sqrt(b)
+            why = f"gpt2: 1/sqrt({b} branches); the stream was not found on the batch"
+        else:
+            got = float(y.detach().float().pow(2).mean().sqrt())
+            f = stream / math.sqrt(b) / got if got > 0 and math.isfinite(got) else 1.0
+            why = f"gpt2: output RMS = stream RMS {stream:.3g} / sqrt({b})"
+        self._scale_out(m, f)
+        entry.action += f"; output x{f:.3g} ({why})"
 
     def _lsuv(self, rec: Rec, x: Tensor) -> None:
         """Mishkin & Matas: rescale so the layer's output variance on the batch is 1."""
@@ -248,14 +292,14 @@ class Planner:
         assert m is not None
         w: Tensor = m.weight  # type: ignore[assignment]
         fan = fan_in(w, m)
+        shape = tuple(_oriented(w, m).shape)
         dist, gain, desc = self._linear_rule(rec, x)
         if dist == "xavier":
-            fan_out = w.shape[0] * (math.prod(w.shape[2:]) if w.ndim > 2 else 1)
-            value = torch.randn(tuple(w.shape), generator=self.gen) * math.sqrt(
-                2.0 / (fan + fan_out))
+            fan_out = shape[0] * (math.prod(shape[2:]) if len(shape) > 2 else 1)
+            value = torch.randn(shape, generator=self.gen) * math.sqrt(2.0 / (fan + fan_out))
         else:
-            value = draw(tuple(w.shape), dist, gain, fan, self.gen)
-        _assign(w, value)
+            value = draw(shape, dist, gain, fan, self.gen)
+        _assign(w, value.T if value.ndim == 2 and shape != tuple(w.shape) else value)
         bias = getattr(m, "bias", None)
         if isinstance(bias, Tensor):
             with torch.no_grad():
@@ -274,7 +318,7 @@ class Planner:
     def _input_mean(self, rec: Rec, x: Tensor | None, feed: Rec) -> Tensor | None:
         m = rec.module
         assert m is not None
-        w: Tensor = m.weight  # type: ignore[assignment]
+        w: Tensor = _oriented(m.weight, m)  # type: ignore[arg-type]
         if self.data_driven and x is not None:
             xf = x.detach().float()
             d = _feature_dim(rec, xf)
@@ -374,7 +418,7 @@ class Planner:
 
 def _apply_weight(m: nn.Module, mean: Tensor) -> Tensor:
     """``W @ mean`` summed over kernel positions (the response to a constant input)."""
-    w = m.weight.detach().float()  # type: ignore[union-attr]
+    w = _oriented(m.weight, m).detach().float()  # type: ignore[arg-type]
     if w.ndim == 2:
         return w @ mean.to(w)
     groups = getattr(m, "groups", 1)
@@ -390,6 +434,19 @@ def _apply_weight(m: nn.Module, mean: Tensor) -> Tensor:
     mg = mean.to(w).reshape(groups, -1)
     wg = wk.reshape(groups, out // groups, -1)
     return torch.einsum("goi,gi->go", wg, mg).reshape(out)
+
+
+def _smallest_token_rms(t: Tensor) -> float | None:
+    """The RMS over features of the stream's smallest token (features: the last dim of a
+    ``(batch, tokens, features)`` stream, dim 1 of an image ``(batch, channels, h, w)``);
+    all-zero tokens (padding) aside. None if there is none."""
+    tf = t.detach().float()
+    if tf.ndim < 2 or not tf.numel():
+        return None
+    feat = 1 if tf.ndim == 4 else tf.ndim - 1
+    rms = tf.pow(2).mean(dim=feat).sqrt().flatten()
+    rms = rms[rms > 1e-8 * float(rms.max())] if bool((rms > 0).any()) else rms[:0]
+    return float(rms.min()) if rms.numel() else None
 
 
 def _feature_dim(rec: Rec, x: Tensor) -> int:
@@ -422,4 +479,5 @@ class InitTracer(Tracer):
         planned = self.planner.recs[rec.index]
         planned.module = rec.module
         self.planner.live = self.recs
+        self.planner.live_values = self.values
         self.planner.init_record(planned, x, lsuv=self.planner.scheme == "lsuv")

@@ -54,11 +54,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from gradguard.signal.diagnosis import Cause, diagnose, fmt_gain, fmt_percent
 from gradguard.signal.initialize import InitReport, init_model
-from gradguard.signal.inputs import as_batches
+from gradguard.signal.inputs import Call, as_batches
 from gradguard.signal.measure import LayerStats, measure
 from gradguard.signal.verdict import DEFAULT_TOLERANCE, VERDICTS, judge
 
@@ -67,26 +68,40 @@ __all__ = ["VERDICTS", "Cause", "FixResult", "LayerStats", "ProbeReport", "probe
 
 @dataclass
 class FixResult:
-    """What :meth:`ProbeReport.fix` did: the report before, the init applied, and after."""
+    """What :meth:`ProbeReport.fix` did: the report before, the init applied, and after.
+
+    Attributes:
+        before: the report the fix started from.
+        after: the probe of the re-initialised model (of the attempt, when it was undone).
+        init: what :func:`gradguard.init_model` did (None: nothing to fix).
+        changed: parameter tensors whose values the fix changed.
+        restored: the fix did not make the model healthy, so its original weights were put
+            back (a fix never leaves a model worse than it found it).
+        reason: why the model could not be fixed (the module types no rule covers, or the
+            verdict after the attempt); None when it was.
+    """
 
     before: ProbeReport
     after: ProbeReport
     init: InitReport | None
+    changed: int = 0
+    restored: bool = False
+    reason: str | None = None
 
     @property
     def improved(self) -> bool:
-        """True if the model is healthy after the fix."""
-        return self.after.verdict == "healthy"
+        """True if the model is healthy after the fix (and keeps the new weights)."""
+        return self.after.verdict == "healthy" and not self.restored
 
     def __str__(self) -> str:
         if self.init is None:
             return f"nothing to fix: {self.before.verdict}"
         b, a = self.before, self.after
-        return "\n".join([
-            f"before: {b.headline()}",
-            str(self.init),
-            f"after:  {a.headline()}",
-        ])
+        lines = [f"before: {b.headline()}", str(self.init),
+                 f"after:  {a.headline()} ({self.changed} parameter tensors changed)"]
+        if self.reason:
+            lines.append(f"NOT FIXED: {self.reason}")
+        return "\n".join(lines)
 
 
 @dataclass
@@ -112,6 +127,12 @@ class ProbeReport:
         elapsed_s: wall time of the probe.
         batches: the ``(args, kwargs)`` batches probed (:meth:`fix` probes them again).
         options: the :func:`probe` options used (:meth:`fix` uses them again).
+        unknown: ``"name (Type)"`` of every parametrised module no rule understands; their
+            gains are measured like any other, but nothing explains them.
+        confidence: ``"high"``; ``"medium"`` with unknown modules inside residual branches
+            only (the verdict follows the stream); ``"low"`` with unknown modules on the
+            judged path.
+        along_stream: the verdict follows a residual stream (gains per residual branch).
     """
 
     layers: list[LayerStats]
@@ -131,15 +152,21 @@ class ProbeReport:
     batches: list[tuple[tuple, dict]] = field(default_factory=list, repr=False,
                                               compare=False)
     options: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    unknown: list[str] = field(default_factory=list)
+    confidence: str = "high"
+    along_stream: bool = False
 
     # -- text ----------------------------------------------------------------------------
     def headline(self) -> str:
         """One line: verdict, direction, gains, onset."""
+        where = (f"along the residual stream ({self.n_residual_branches} branches)"
+                 if self.along_stream else f"over {self.n_param_layers} parametrised layers")
         if self.verdict == "healthy":
             return (f"healthy: gradient gain {fmt_gain(self.backward_gain)}, forward gain "
-                    f"{fmt_gain(self.forward_gain)} over {self.n_param_layers} parametrised layers "
-                    f"(band x{self.tolerance:g}); not a gradient problem")
-        rate = f", x{fmt_gain(self.rate)} per layer" if self.rate else ""
+                    f"{fmt_gain(self.forward_gain)} {where} (band x{self.tolerance:g}); not a "
+                    "gradient problem")
+        step = "residual step" if self.along_stream else "layer"
+        rate = f", x{fmt_gain(self.rate)} per {step}" if self.rate else ""
         return (f"{self.verdict.upper()} ({self.direction}): gradient gain "
                 f"{fmt_gain(self.backward_gain)}, forward gain "
                 f"{fmt_gain(self.forward_gain)}{rate}; starts at {self.onset}")
@@ -156,6 +183,9 @@ class ProbeReport:
             lines.append(f"cause [{c.code}] {c.title}: {c.detail}")
         lines += [f"note: {n}" for n in self.notes]
         lines.append(f"recommendation: {self.recommendation}")
+        if self.unknown:
+            lines.append(f"confidence: {self.confidence} (modules no rule understands: "
+                         f"{_group_types(self.unknown)})")
         lines.append(f"({len(self.layers)} records, {self.elapsed_s:.2f} s)")
         return "\n".join(lines)
 
@@ -187,6 +217,7 @@ class ProbeReport:
         """A JSON-serialisable dict of the report."""
         return {k: v for k, v in asdict(self).items() if k not in ("batches", "options")}
 
+
     # -- fix -----------------------------------------------------------------------------
     def fix(self, model: nn.Module, *, scheme: str | None = None, residual: Any = "plan",
             force: bool = False) -> FixResult:
@@ -198,9 +229,13 @@ class ProbeReport:
             residual: override the planned residual scaling (``"plan"``: keep it).
             force: re-initialise even when the verdict is healthy.
 
+        The fix acts or says why not: when the re-initialised model is not healthy, its
+        original weights are put back and :attr:`FixResult.reason` names what stands in the
+        way (the module types no rule covers, or the verdict after the attempt).
+
         Returns:
-            A :class:`FixResult` with the reports before and after and the
-            :class:`gradguard.InitReport`.
+            A :class:`FixResult` with the reports before and after, the
+            :class:`gradguard.InitReport` and the number of parameter tensors changed.
 
         Example:
             >>> import torch, torch.nn as nn, gradguard as gg
@@ -223,11 +258,44 @@ class ProbeReport:
         if residual != "plan":
             plan["residual"] = residual
         args, kwargs = self.batches[0]
-        data: Any = dict(kwargs) if kwargs else (args[0] if len(args) == 1 else args)
+        data: Any = Call(args, kwargs)
+        originals = {id(p): (p, p.detach().clone()) for p in model.parameters()}
         init = init_model(model, plan["scheme"], data=data, residual=plan["residual"],
                           seed=self.options.get("seed", 0))
+        changed = sum(1 for p, old in originals.values() if not torch.equal(p.detach(), old))
         after = run_probe(model, self.batches, **self.options)
-        return FixResult(self, after, init)
+        if after.verdict == "healthy":
+            return FixResult(self, after, init, changed)
+        with torch.no_grad():  # never leave the model worse than it was found
+            for p, old in originals.values():
+                p.copy_(old)
+        return FixResult(self, after, init, changed, restored=True,
+                         reason=_why_not_fixed(init, after, changed))
+
+
+def _why_not_fixed(init: InitReport, after: ProbeReport, changed: int) -> str:
+    """Why a fix did not make the model healthy, naming what init_model could not handle."""
+    parts = []
+    if init.unhandled:
+        types = sorted({why.split(" holds")[0] for _, why in init.unhandled})
+        parts.append(f"init_model has no rule for {', '.join(types)} "
+                     f"({', '.join(n for n, _ in init.unhandled[:4])}"
+                     f"{', ...' if len(init.unhandled) > 4 else ''})")
+    if changed == 0:
+        parts.append("the initialisation changed no parameter")
+    parts.append(f"re-initialised, the model is {after.headline()}; the original weights "
+                 "were restored")
+    return "; ".join(parts)
+
+
+def _group_types(names: list[str]) -> str:
+    """``"Gate x4 (blocks.0.gate, ...)"`` for ``"name (Type)"`` entries."""
+    groups: dict[str, list[str]] = {}
+    for entry in names:
+        name, _, typ = entry.rpartition(" (")
+        groups.setdefault(typ.rstrip(")"), []).append(name)
+    return "; ".join(f"{t} x{len(ns)} ({', '.join(ns[:3])}{', ...' if len(ns) > 3 else ''})"
+                     for t, ns in groups.items())
 
 
 def probe(
@@ -324,6 +392,16 @@ def run_probe(model: nn.Module, batches: list[tuple[tuple, dict]], *,
     m = measure(model, batches, loss_fn=loss_fn, modules=modules, train=train, seed=seed)
     j = judge(m, model, tolerance, all_records=modules is not None)
     d = diagnose(j, m.layers, model, m.tracer.recs, m.tracer.residuals)
+    unknown = [lay for lay in m.layers if not lay.known]
+    confidence = "high"
+    if unknown:
+        judged_inside = all(lay.branch is not None for lay in unknown) and j.along_stream
+        confidence = "medium" if judged_inside else "low"
+        names = _group_types([f"{lay.name} ({lay.type})" for lay in unknown])
+        d.notes.append(
+            f"{len(unknown)} module(s) of a type no rule understands ({names}): their gains "
+            "are measured like any other, but the diagnosis cannot explain them and "
+            f"init_model leaves them as they are; confidence {confidence}")
     return ProbeReport(
         layers=m.layers, verdict=j.verdict, direction=j.direction, onset=j.onset,
         backward_gain=j.backward_gain, forward_gain=j.forward_gain, rate=j.rate,
@@ -332,4 +410,6 @@ def run_probe(model: nn.Module, batches: list[tuple[tuple, dict]], *,
         n_residual_branches=len(m.tracer.residuals), elapsed_s=time.perf_counter() - t0,
         batches=batches,
         options={"loss_fn": loss_fn, "modules": modules, "train": train,
-                 "tolerance": tolerance, "seed": seed})
+                 "tolerance": tolerance, "seed": seed},
+        unknown=[f"{lay.name} ({lay.type})" for lay in unknown], confidence=confidence,
+        along_stream=j.along_stream)

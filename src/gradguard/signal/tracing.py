@@ -21,12 +21,13 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from gradguard.signal.activations import activation_of_call, activation_of_module, phi
+from gradguard.signal.activations import activation_of_call, phi
 from gradguard.signal.inputs import tensors_in
 from gradguard.signal.modules import (
     ADD_FUNCS,
     NORM_FUNCS,
     PASS_FUNCS,
+    activation_spec_of,
     module_kind,
     select_modules,
 )
@@ -81,6 +82,9 @@ class Residual:
     normed: bool = False
     members: list[int] = field(default_factory=list)
     root_node: int = -1  # where the branch starts (the skip, or a projection's input)
+    out_node: int = -1  # the sum: the residual stream after this branch
+    skip_normed: bool = False  # the skip is a normalisation's output (Post-LN)
+    order: int = -1  # records executed before the addition
 
 
 class Tracer(TorchFunctionMode):
@@ -95,6 +99,9 @@ class Tracer(TorchFunctionMode):
         super().__init__()
         self.model = model
         self.selected = select_modules(model, modules)
+        # classified now, outside the trace (behavioural tests run the modules once)
+        self.kinds = {id(m): (module_kind(m), activation_spec_of(m)) for _, m in self.selected}
+        self.values: dict[int, Tensor] = {}  # value node -> its tensor (the last one set)
         self.recs: list[Rec] = []
         self.residuals: list[Residual] = []
         self.prov: dict[int, Provenance] = {}
@@ -115,6 +122,7 @@ class Tracer(TorchFunctionMode):
 
     def _set(self, t: Tensor, prov: Provenance) -> None:
         self.prov[id(t)] = prov
+        self.values[prov.node] = t
         self.keep.append(t)
 
     def provenance(self, t: Any) -> Provenance | None:
@@ -235,10 +243,10 @@ class Tracer(TorchFunctionMode):
             if self._depth:
                 self._depth += 1
                 return None
-            kind = module_kind(module)
+            kind, spec = self.kinds.get(id(module)) or (module_kind(module), None)
             rec = self._new_rec(name, type(module).__name__, kind, module)
-            if kind == "act":
-                rec.act, rec.act_param = activation_of_module(module)  # type: ignore[misc]
+            if kind == "act" and spec is not None:
+                rec.act, rec.act_param = spec
             tensors = tensors_in(args) + tensors_in(kwargs)
             first = self._link_inputs(rec, tensors)
             self._open.setdefault(id(module), []).append((rec, first))
@@ -332,14 +340,15 @@ class Tracer(TorchFunctionMode):
         else:
             prov = Provenance(node)
             if fname in ADD_FUNCS and len(tracked) == 2:
-                self._residual(tracked[0], tracked[1])
+                self._residual(tracked[0], tracked[1], outs[0], node)
         for t in outs:
             self._set(t, prov)
 
-    def _residual(self, a: tuple[Tensor, Provenance], b: tuple[Tensor, Provenance]) -> None:
+    def _residual(self, a: tuple[Tensor, Provenance], b: tuple[Tensor, Provenance],
+                  out_t: Tensor, out_node: int) -> None:
         (ta, pa), (tb, pb) = a, b
-        if ta.shape != tb.shape:
-            return
+        if ta.shape != tb.shape or out_t.shape != ta.shape or pa.node == pb.node:
+            return  # broadcasts (masks, position tables) and x + x are not residuals
         root = -1
         if self.is_ancestor(pa.node, pb.node):
             skip, branch = pa, pb
@@ -360,10 +369,13 @@ class Tracer(TorchFunctionMode):
             out = branch.norm
         elif out is None and branch.act is not None:
             out, via_act = self.recs[branch.act].src, True
-        self.residuals.append(Residual(skip.node, branch.node, out, via_act, branch.normed,
-                                       root_node=root if root >= 0 else skip.node))
+        residual = Residual(skip.node, branch.node, out, via_act, branch.normed,
+                            root_node=root if root >= 0 else skip.node, out_node=out_node,
+                            skip_normed=skip.normed, order=len(self.recs))
+        self.residuals.append(residual)
         if out is not None:
             self.recs[out].residual_out = True
+        self.on_residual(residual, ta if skip is pa else tb, out_t)
 
     def branch_members(self) -> None:
         """Fill each residual's ``members``: param records between its skip and its end."""
@@ -405,6 +417,9 @@ class Tracer(TorchFunctionMode):
     def on_param_start(self, rec: Rec, x: Tensor | None) -> None:
         """Called before a parametrised module runs, with its first floating input."""
 
+    def on_residual(self, residual: Residual, skip: Tensor, out: Tensor) -> None:
+        """Called when a residual addition is found, with the skip value and the sum."""
+
 
 def static_records(model: nn.Module) -> list[Rec]:
     """Records in module registration order, linked as if the model were a Sequential."""
@@ -415,7 +430,7 @@ def static_records(model: nn.Module) -> list[Rec]:
         kind = module_kind(m)
         rec = Rec(len(recs), name, type(m).__name__, kind, m)
         if kind == "act":
-            rec.act, rec.act_param = activation_of_module(m)  # type: ignore[misc]
+            rec.act, rec.act_param = activation_spec_of(m)  # type: ignore[misc]
             rec.src = last_param
             if last_param is not None and recs[last_param].follow is None:
                 recs[last_param].follow = rec.index

@@ -11,15 +11,25 @@ model of the architecture:
 
 * ``exploding`` if the gradient norm at the output of some parametrised layer (where
   weight gradients form) exceeds ``tolerance`` (20) times the norm at the model output;
-  ``vanishing`` if it falls below ``1/tolerance``. Inside a residual branch the gain is
-  taken relative to the branch's last layer (the branch's own depth), the stream itself
-  through the branch outputs. The forward RMS along the main path, relative to the first
-  parametrised layer, is judged the same way ("both" when it agrees, "forward" alone
-  when only it fails).
+  ``vanishing`` if it falls below ``1/tolerance``. The forward RMS along the main path,
+  relative to the first parametrised layer, is judged the same way ("both" when it agrees,
+  "forward" alone when only it fails).
+* A model with residual branches is judged along its **residual stream**: the gradient
+  at every residual addition (the skip going in, the sum coming out), relative to the
+  gradient at the stream's end, and the stream's RMS relative to its start. Depth lives in
+  the stream; the embedding or stem before it and the head after it are one layer each and
+  only scale it by a constant (a tied 50k-word GPT-2 head multiplies the gradient by ~5,
+  its final LayerNorm by 1/RMS of a stream of std 0.02), so they are not judged. Nor is the
+  inside of a branch relative to its own last layer: Transformers built with small weights
+  (std 0.02) pass their branches little gradient by design while the stream stays flat;
+  a note says so when that ratio leaves the band.
 * Otherwise ``healthy``. Signals blocked by deliberately zero-initialised weights (Fixup,
-  ReZero, a zero head) are "gated", not vanishing. A recurrent module whose gradient grows
-  more than ``tolerance`` times from its last to its first time step is exploding "through
-  time"; fading memory through time is a note only (gated RNNs forget at init).
+  ReZero, a zero head) are "gated", not vanishing. A recurrent module is exploding "through
+  time" when, from a cotangent on its last output step, its input gradient is more than
+  ``tolerance`` times larger at the first step than at the last and still growing over the
+  far half of the sequence (more than sqrt(tolerance)): a build-up over the last steps
+  that then stays flat (a stacked LSTM keeping its memory) is not an explosion. Fading
+  memory is a note only (gated RNNs forget at init).
 
 The "layer where it starts" (``onset``) is the first layer, in the direction of
 propagation (from the output for gradients), after which the accumulated gain stays more
@@ -45,7 +55,7 @@ __all__ = ["DEFAULT_TOLERANCE", "VERDICTS", "Judgement", "judge", "zero_initiali
 VERDICTS = ("healthy", "exploding", "vanishing")
 DEFAULT_TOLERANCE = 20.0  # e^3: six mean-field depth scales of the squared signal
 
-Series = list[tuple[int, float]]  # (record index, accumulated gain) in propagation order
+Series = list[tuple[str, float]]  # (where, accumulated gain) in propagation order
 
 
 @dataclass
@@ -62,6 +72,7 @@ class Judgement:
         tolerance: the band factor.
         notes: findings of the rule (zero-initialised weights, where the failure is).
         nonfinite: layers with a non-finite output or weight gradient.
+        along_stream: judged along a residual stream (gains per residual branch).
     """
 
     verdict: str
@@ -73,6 +84,7 @@ class Judgement:
     tolerance: float
     notes: list[str] = field(default_factory=list)
     nonfinite: list[LayerStats] = field(default_factory=list)
+    along_stream: bool = False
 
 
 def zero_initialised(model: nn.Module) -> list[str]:
@@ -131,38 +143,89 @@ def _mark_layers(m: Measurement, model: nn.Module, branch: dict[int, int], inter
                      "not vanishing")
 
 
-def _series(m: Measurement, branch: dict[int, int], internal: set[int],
-            all_records: bool) -> tuple[Series, Series, Series]:
-    """``(backward, inside branches, forward)`` gain series (see the module docstring)."""
+def _label(lay: LayerStats) -> str:
+    return f"{lay.name} ({lay.type})"
+
+
+def _classic_series(m: Measurement, internal: set[int], branch: dict[int, int],
+                    all_records: bool) -> tuple[Series, Series]:
+    """``(backward, forward)`` for a model without residual stream: parametrised outputs
+    relative to the model output, main-path RMS relative to the first layer."""
     layers = m.layers
-    residuals = m.tracer.residuals
 
     def counted(lay: LayerStats) -> bool:
         return (all_records or lay.kind == "param") and not lay.gated
 
-    # gradients: where weight gradients form (parametrised outputs), from the output back;
-    # inside residual branches, relative to the branch's last layer
-    bwd = [(lay.index, lay.bwd_cum) for lay in reversed(layers)
+    # gradients: where weight gradients form (parametrised outputs), from the output back
+    bwd = [(_label(lay), lay.bwd_cum) for lay in reversed(layers)
            if counted(lay) and lay.bwd_cum is not None and lay.index not in internal]
-    inner: Series = []
-    for lay in reversed(layers):
-        if lay.index in internal and counted(lay) and lay.bwd_cum is not None:
-            out = residuals[branch[lay.index]].out_layer
-            ref_g = layers[out].bwd_cum if out is not None else None
-            if ref_g:
-                inner.append((lay.index, lay.bwd_cum / ref_g))
     # activations: along the main path (outputs of branches are not the stream)
     main = [lay for lay in layers if (all_records or lay.kind in ("param", "norm"))
             and not lay.gated and lay.index not in branch and math.isfinite(lay.rms)]
     ref = next((lay for lay in main if lay.rms > 0), None)
     fwd: Series = []
+    for lay in main:
+        if ref is not None and lay.index >= ref.index:
+            fwd.append((_label(lay), lay.rms / ref.rms))
+    return bwd, fwd  # type: ignore[return-value]
+
+
+def _stream_series(m: Measurement, branch: dict[int, int]) -> tuple[Series, Series] | None:
+    """``(backward, forward)`` along the residual stream: its gradient at every residual
+    addition (and at main-path parametrised layers between the first and the last) relative
+    to the gradient at the stream's end, its RMS relative to the stream's start. The
+    embedding or stem before the stream and the head after it are one layer each, not
+    depth: they scale the stream's gradient by a constant and are not judged. None if the
+    stream's end has no gradient."""
+    points = [p for p in m.stream if p.bwd_cum is not None and math.isfinite(p.rms)]
+    if len(points) < 2 or not points[-1].bwd_cum or points[0].rms <= 0:
+        return None
+    g_end, rms_start = points[-1].bwd_cum, points[0].rms
+    first, last = points[0].order, points[-1].order
+    entries: list[tuple[float, str, float]] = [
+        (p.order + 0.5 * (p.role == "sum"), f"{p.name} (after {p.after})", p.bwd_cum / g_end)
+        for p in points]
+    entries += [(lay.index + 0.75, _label(lay), lay.bwd_cum / g_end) for lay in m.layers
+                if lay.kind == "param" and not lay.gated and lay.index not in branch
+                and lay.bwd_cum is not None and first <= lay.index < last]
+    bwd = [(label, g) for _, label, g in sorted(entries, key=lambda e: -e[0])]
+    fwd = [(f"{p.name} (after {p.after})", p.rms / rms_start) for p in points]
+    return bwd, fwd
+
+
+def _inner_note(m: Measurement, branch: dict[int, int], internal: set[int],
+                lt: float) -> str | None:
+    """A note when the gradient inside residual branches, relative to the branch's end,
+    leaves the band: small-init branches (std 0.02 weights) are built that way."""
+    layers, residuals = m.layers, m.tracer.residuals
+    inner = []
+    for lay in layers:
+        if lay.index in internal and lay.kind == "param" and not lay.gated and lay.bwd_cum:
+            out = residuals[branch[lay.index]].out_layer
+            ref_g = layers[out].bwd_cum if out is not None else None
+            if ref_g:
+                inner.append((lay, lay.bwd_cum / ref_g))
+    if not inner:
+        return None
+    lay, g = min(inner, key=lambda t: t[1]) if min(v for _, v in inner) < 1 else max(
+        inner, key=lambda t: t[1])
+    if abs(math.log(g)) <= lt:
+        return None
+    return (f"inside residual branches the gradient reaches x{g:.2g} of the stream's at the "
+            f"branch's end ({lay.name}): branches with small weights pass little gradient to "
+            "their own first layers by design, so the verdict follows the residual stream, "
+            "not the inside of each branch")
+
+
+def _set_forward_cum(layers: list[LayerStats], branch: dict[int, int],
+                     all_records: bool) -> None:
+    """Each layer's output RMS relative to the first main-path layer (for the table)."""
+    main = [lay for lay in layers if (all_records or lay.kind in ("param", "norm"))
+            and not lay.gated and lay.index not in branch and math.isfinite(lay.rms)]
+    ref = next((lay for lay in main if lay.rms > 0), None)
     for lay in layers:
         if ref is not None and lay.index >= ref.index and lay.rms_in:
             lay.fwd_cum = lay.rms / ref.rms
-    for lay in main:
-        if ref is not None and lay.index >= ref.index:
-            fwd.append((lay.index, lay.rms / ref.rms))
-    return bwd, inner, fwd  # type: ignore[return-value]
 
 
 def _rate(series: Series, pos: int) -> float | None:
@@ -176,6 +239,17 @@ def _rate(series: Series, pos: int) -> float | None:
     if n_steps > 0 and g_ext > 0 and math.isfinite(g_ext):
         return g_ext ** (1.0 / n_steps)
     return None
+
+
+def _grows_through_time(lay: LayerStats, tolerance: float) -> bool:
+    """Exploding through time: the gradient from the last output step is more than
+    ``tolerance`` times larger at the first input step than at the last, and still growing
+    over the far half of the sequence (by more than sqrt(tolerance)). A gradient that builds
+    up over the last steps and then stays flat (a stacked LSTM whose forget gates keep its
+    memory) is not exploding."""
+    if lay.time_gain is None or lay.time_gain <= tolerance:
+        return False
+    return lay.time_gain_far is None or lay.time_gain_far > math.sqrt(tolerance)
 
 
 def judge(m: Measurement, model: nn.Module, tolerance: float,
@@ -199,21 +273,24 @@ def judge(m: Measurement, model: nn.Module, tolerance: float,
     branch, internal = m.tracer.branch_records()
     _mark_layers(m, model, branch, internal, notes)
     layers = m.layers
-    bwd, inner, fwd = _series(m, branch, internal, all_records)
+    _set_forward_cum(layers, branch, all_records)
+    stream = None if all_records else _stream_series(m, branch)
+    if stream is not None:
+        bwd, fwd = stream
+        note = _inner_note(m, branch, internal, lt)
+        if note:
+            notes.append(note)
+    else:
+        bwd, fwd = _classic_series(m, internal, branch, all_records)
     bv, bpos = series_verdict(bwd, lt)
-    iv, ipos = series_verdict(inner, lt)
     fv, fpos = series_verdict(fwd, lt)
     nonfinite = [lay for lay in layers if not math.isfinite(lay.rms) or (
         lay.grad_norm is not None and not math.isfinite(lay.grad_norm))]
-    time_bad = [lay for lay in layers if lay.time_gain is not None and lay.time_gain > tolerance]
+    time_bad = [lay for lay in layers if _grows_through_time(lay, tolerance)]
 
     verdict, direction, series, pos = "healthy", None, bwd, bpos
     if bv != "healthy":
         verdict, direction = bv, ("both" if fv == bv else "backward")
-    elif iv != "healthy":
-        verdict, direction, series, pos = iv, "backward", inner, ipos
-        notes.append("the failure is inside residual branches (gains relative to each "
-                     "branch's last layer)")
     elif fv != "healthy":
         verdict, direction, series, pos = fv, "forward", fwd, fpos
     elif time_bad:
@@ -221,14 +298,12 @@ def judge(m: Measurement, model: nn.Module, tolerance: float,
     if nonfinite and verdict == "healthy":
         verdict, direction = "exploding", "forward"
     g_b = bwd[bpos][1] if bpos is not None else 1.0
-    if series is inner and ipos is not None:
-        g_b = inner[ipos][1]
     g_f = fwd[fpos][1] if fpos is not None else 1.0
     onset = rate = None
     if verdict != "healthy" and direction != "time" and pos is not None and series:
-        first = layers[series[onset_position(series, pos, verdict)][0]]
-        onset = f"{first.name} ({first.type})"
+        onset = series[onset_position(series, pos, verdict)][0]
         rate = _rate(series, pos)
     elif direction == "time":
-        onset = f"{time_bad[0].name} ({time_bad[0].type})"
-    return Judgement(verdict, direction, onset, g_b, g_f, rate, tolerance, notes, nonfinite)
+        onset = _label(time_bad[0])
+    return Judgement(verdict, direction, onset, g_b, g_f, rate, tolerance, notes, nonfinite,
+                     along_stream=stream is not None)
