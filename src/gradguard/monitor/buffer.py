@@ -48,6 +48,7 @@ class RingBuffer:
         self.device: torch.device | None = None if device is None else torch.device(device)
         self._buf: Tensor | None = None
         self._views: tuple[Tensor, ...] | None = None
+        self._capacity = 0  # rows allocated (a host int: no shape lookup per write)
         self._row = 0  # rows written since the last read (a host int: never read back)
         self._steps: list[int] = []  # their step numbers
         if self.device is not None:
@@ -59,6 +60,7 @@ class RingBuffer:
         # Views of each row, made once: building a view costs more than the copy itself.
         # (unbind/select, not Python indexing: the latter is unsupported in FakeTensorMode.)
         self._views = self._buf.unbind(0) if rows <= _MAX_CACHED_ROWS else None
+        self._capacity = rows
         self.device = device
 
     @property
@@ -97,7 +99,7 @@ class RingBuffer:
             self._allocate(fields.device, self.rows)
         assert self._buf is not None
         r = self._row
-        if r >= self._buf.shape[0]:
+        if r >= self._capacity:
             raise RuntimeError(f"RingBuffer is full ({r} rows): read() it before writing")
         row = self._views[r] if self._views is not None else self._buf.select(0, r)
         torch.cat((fields, per_tensor), out=row)  # one kernel; casts to fp32 if needed
@@ -145,7 +147,7 @@ class RingBuffer:
                 f"pending rows have shape {tuple(values.shape)}, expected ({n}, {self.width})"
             )
         need = max(n, self.rows)
-        if self._buf is None or self._buf.shape[0] < need:
+        if self._buf is None or self._capacity < need:
             device = self.device if self.device is not None else values.device
             self._allocate(device, need)
         assert self._buf is not None
