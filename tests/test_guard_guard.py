@@ -283,3 +283,100 @@ def test_guard_keeps_rejecting_non_positive_norm_types():
     for p in (0, -1.0, -math.inf):
         with pytest.raises(ValueError, match="norm_type must be > 0"):
             gg.Guard(params, clip=1.0, norm_type=p, sinks=[])
+
+
+@pytest.mark.parametrize("order", ["scheduler_then_attach", "attach_then_scheduler"])
+def test_a_skip_at_step_zero_raises_no_scheduler_order_warning(order):
+    import warnings
+
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    if order == "scheduler_then_attach":
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        guard = gg.Guard(model, clip=1.0, sinks=[]).attach(opt)
+    else:
+        guard = gg.Guard(model, clip=1.0, sinks=[]).attach(opt)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    loss_of(model, 0).backward()
+    model[0].weight.grad[0, 0] = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+        sched.step()
+    assert guard.last_step_skipped is True
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    assert opt.param_groups[0]["lr"] == 0.05  # the loop stepped its scheduler
+
+
+def test_the_same_loop_without_the_guard_does_warn():
+    # the control for the test above: torch warns when the step did not run
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    with pytest.warns(UserWarning, match="before `optimizer.step"):
+        sched.step()
+
+
+def test_last_step_skipped_follows_each_step():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = gg.Guard(model, clip=None, sinks=[]).attach(opt)
+    assert guard.last_step_skipped is False
+    seen = []
+    for i, bad in enumerate((False, True, True, False)):
+        opt.zero_grad()
+        loss_of(model, i).backward()
+        if bad:
+            model[2].bias.grad[0] = float("inf")
+        opt.step()
+        seen.append(guard.last_step_skipped)
+    assert seen == [False, True, True, False]
+    manual = gg.Guard(model, clip=None, sinks=[])
+    model[2].bias.grad[0] = float("nan")
+    assert manual.step() is False and manual.last_step_skipped is True
+
+
+def test_observe_loss_over_micro_batches_records_the_step_mean_and_sees_a_nan():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gg.Guard(model, clip=None, sinks=[]).attach(opt)
+    losses = []
+    opt.zero_grad()
+    for i in range(4):
+        loss = loss_of(model, i)
+        losses.append(loss.detach())
+        guard.observe_loss(loss)
+        (loss / 4).backward()
+    opt.step()
+    assert guard.last["loss"].item() == ((losses[0] + losses[1] + losses[2] + losses[3])
+                                         / 4).item()
+    # a NaN in the first micro-batch is not hidden by the later ones
+    opt.zero_grad()
+    for i in range(3):
+        loss = loss_of(model, i)
+        guard.observe_loss(loss * float("nan") if i == 0 else loss)
+        (loss / 3).backward()
+    assert guard.pending_loss.item() == math.inf
+    opt.step()
+    assert guard.last["loss"].item() == math.inf and guard.pending_loss is None
+    # reduction="sum": values that are already the micro-batch's share
+    opt.zero_grad()
+    shares = []
+    for i in range(2):
+        share = loss_of(model, i) / 2
+        shares.append(share.detach())
+        guard.observe_loss(share, reduction="sum")
+        share.backward()
+    opt.step()
+    assert guard.last["loss"].item() == (shares[0] + shares[1]).item()
+
+
+def test_observe_loss_rejects_a_bad_or_mixed_reduction():
+    guard = gg.Guard(mlp(), clip=None, sinks=[])
+    with pytest.raises(ValueError, match="reduction"):
+        guard.observe_loss(1.0, reduction="max")
+    guard.observe_loss(1.0)
+    with pytest.raises(ValueError, match="reduction='sum'"):
+        guard.observe_loss(1.0, reduction="sum")

@@ -34,6 +34,18 @@ import torch
 from torch import Tensor, nn
 
 from gradguard.engine.norms import validate_norm_type
+from gradguard.guard.attach import (
+    ReplayClosure,
+    StepCall,
+    accelerate_scaler,
+    accumulating,
+    check_attachable,
+    mark_step,
+    passing_found_inf,
+    takes_found_inf,
+    unscale_once,
+)
+from gradguard.guard.loss import StepLoss
 from gradguard.guard.remedies import Action, Remedies, RemedyContext, StepOutcome, TrainingDiverged
 from gradguard.guard.snapshot import Snapshot
 from gradguard.guard.step import COUNTERS, GuardStep, StepResult
@@ -217,10 +229,13 @@ class Guard:
         self.step_count = 0
         device = self.params[0].device
         self._device = device
-        self._pending_loss: Tensor | None = None
+        self._loss: StepLoss | None = None  # the losses observed since the last step
+        self._loss_calls = 0  # observe_loss calls so far (a closure may make some)
+        self._last_skipped: bool | Tensor = False
+        self._fused = False  # every attached optimizer skips on the device (found_inf)
         self._attached: list[tuple[weakref.ref, Callable]] = []
         # (weakrefs to the gradients, their versions, decision) of the last Guard step
-        self._last_gradients: tuple[list, list[int], bool] | None = None
+        self._last_gradients: tuple[list, list[int], bool | Tensor] | None = None
         # Distributed: the step's one collective, identical decisions on every rank.
         self.sync = GuardSync.create(sync_group, norm_type=self.norm_type, device=device,
                                      process_group=process_group)
@@ -270,21 +285,82 @@ class Guard:
         calls ``optimizer.step`` only for steps it does not skip, after unscaling; for
         fused optimizers the Guard receives the scale and unscales its norms itself),
         LR schedulers (created before or after ``attach``), gradient accumulation (one
-        Guard step per optimizer step) and closures. Attached to several optimizers
-        that share one backward pass, it runs once per backward pass (in the first
-        ``step()``), and the other optimizers follow its decision; under a GradScaler,
-        call ``scaler.unscale_`` on each of them before the first ``scaler.step``, so
-        that the Guard sees every gradient unscaled.
+        Guard step per optimizer step), closures and accelerate. Attached to several
+        optimizers that share one backward pass, it runs once per backward pass (in the
+        first ``step()``), and the other optimizers follow its decision; under a
+        GradScaler, call ``scaler.unscale_`` on each of them before the first
+        ``scaler.step``, so that the Guard sees every gradient unscaled.
+
+        **Closures.** ``optimizer.step(closure)`` first evaluates the closure, with
+        gradients enabled (also under an outer ``torch.no_grad()``), then runs the Guard
+        on those fresh gradients, then the update. The closure's loss is the step's loss
+        (as if given to :meth:`observe_loss`, unless the closure called
+        :meth:`observe_loss` itself), and ``step`` returns it as torch does, on a skipped
+        step too: the closure always runs exactly once before the Guard decides (the
+        frameworks require it). The optimizer then receives a closure whose first call
+        returns that loss without a second forward/backward when no parameter changed
+        in place, and whose later calls evaluate the real closure:
+
+        * optimizers that evaluate the closure once (SGD, Adam, ...) cost one
+          evaluation, as without a Guard;
+        * **LBFGS** makes as many evaluations as without a Guard. The Guard checks and
+          clips the *first* one (the gradient at the current parameters): a non-finite
+          first gradient skips the whole step (one evaluation, no update); the line
+          search's later evaluations are not guarded (half an LBFGS step cannot be
+          cancelled). Clipping changes LBFGS's first direction: prefer ``clip=None``
+          (monitoring and the non-finite skip) with it;
+        * optimizers that move the parameters before evaluating (SAM-like) get a real
+          evaluation at the moved point.
+
+        ``GradScaler.step(optimizer, closure=...)`` is refused by torch itself.
+
+        **accelerate.** Attach to the *prepared* optimizer (``accelerator.prepare``'s):
+        on micro-batches whose gradients are not synchronised (inside
+        ``accelerator.accumulate``) its ``step()`` passes straight through, so the
+        Guard runs once per real optimizer step, on the accumulated gradient. A Guard
+        skip shows in ``optimizer.step_was_skipped`` (and
+        ``accelerator.optimizer_step_was_skipped``) for that step only. Under its
+        GradScaler the gradients are unscaled first (unless already done, as the
+        Hugging Face Trainer does), and an overflow goes to the scaler, which skips the
+        step and lowers its scale; it is not a Guard step. DeepSpeed is refused.
+
+        **Skipped steps, schedulers and step counters** (:attr:`last_step_skipped`):
+
+        * plain torch: the loop's own counters; an LR scheduler steps when the loop
+          steps it (the Guard never steps schedulers), and a skip at the first step
+          does not trigger torch's "``lr_scheduler.step()`` before
+          ``optimizer.step()``" warning;
+        * accelerate and the Hugging Face Trainer: the skip shows in
+          ``step_was_skipped``, so a prepared scheduler and the Trainer hold the
+          learning rate for that step, as on a GradScaler overflow; the Trainer's
+          ``global_step`` counts the step;
+        * Lightning: ``global_step`` counts the step and step-interval schedulers step,
+          as on a GradScaler overflow (to hold the learning rate, override
+          ``lr_scheduler_step`` and check :attr:`last_step_skipped`).
+
+        **Fused optimizers.** When every attached optimizer is a torch fused Adam,
+        AdamW, SGD or Adagrad (``fused=True``), ``nonfinite="skip"`` has no remedies and
+        no GradScaler is in the way, the skip costs no host synchronisation: the
+        non-finite flag goes to the optimizer as a ``found_inf`` device tensor, the way
+        GradScaler drives these optimizers, and the fused kernel leaves parameters,
+        moments and ``step`` bitwise unchanged. Other optimizers read the flag on the
+        host once per step.
 
         Args:
-            optimizer: any ``torch.optim.Optimizer`` (SGD, Adam, AdamW, ... foreach or
-                fused).
+            optimizer: any ``torch.optim.Optimizer`` (SGD, Adam, AdamW, LBFGS, ...
+                foreach or fused), or accelerate's ``AcceleratedOptimizer``.
 
         Returns:
             ``self``, so that ``guard = Guard(model).attach(opt)`` reads naturally.
+
+        Raises:
+            TypeError: not an optimizer, or one whose ``step`` cannot be guarded
+                (accelerate's DeepSpeed wrapper).
+            ValueError: the optimizer updates none of the Guard's parameters.
         """
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {optimizer!r}")
+        check_attachable(optimizer)
         if any(ref() is optimizer for ref, _ in self._attached):
             return self
         covered = {id(p) for g in optimizer.param_groups for p in g["params"]}
@@ -303,31 +379,80 @@ class Guard:
         self._attached.append((weakref.ref(optimizer), original))
         if self.remedies is not None and optimizer not in self._state_optimizers:
             self._state_optimizers.append(optimizer)
+        self._update_fused()
         return self
+
+    def _update_fused(self) -> None:
+        """Whether non-finite steps are skipped on the device (see :meth:`attach`)."""
+        optimizers = self.optimizers
+        self._fused = (self.nonfinite == "skip" and self.scaler is None
+                       and self.remedies is None and bool(optimizers)
+                       and all(takes_found_inf(o) for o in optimizers))
+        if self.monitor is not None and self.monitor.host_nonfinite_events:
+            # the host no longer sees these steps: the interval reports them
+            self.monitor.detectors["nonfinite"].interval_events = self._fused
 
     def _guarded_step(self, optimizer: torch.optim.Optimizer, original: Callable,
                       args: tuple, kwargs: dict[str, Any]) -> Any:
-        """An attached ``optimizer.step(*args, **kwargs)``: the Guard, then the update
-        (with the remedies' LR factor for this step), or nothing on a skipped step."""
-        if not self._run_once_per_gradient(optimizer):
-            return None
-        with _scaled_lr(optimizer, self._lr_factor):
+        """An attached ``optimizer.step(*args, **kwargs)``: the closure, the Guard, then
+        the update (with the remedies' LR factor for this step), or nothing on a skipped
+        step (see :meth:`attach`)."""
+        if accumulating(optimizer):  # accelerate: no update on this micro-batch
             return original(*args, **kwargs)
+        call = StepCall(original, args, kwargs)
+        loss = None if call.closure is None else self._evaluate_closure(call.closure)
+        scaler = accelerate_scaler(optimizer)
+        if scaler is not None:
+            unscale_once(scaler, optimizer.optimizer)  # type: ignore[attr-defined]
+        decision = self._run_once_per_gradient(optimizer, scaled=scaler is not None)
+        skipped = decision is False
+        self._last_skipped = decision if isinstance(decision, Tensor) else skipped
+        mark_step(optimizer, skipped)
+        if skipped:
+            return loss
+        replay = None if call.closure is None else \
+            ReplayClosure(call.closure, loss, self.params)
+        flag = decision if isinstance(decision, Tensor) else None
+        observed = self._loss
+        try:
+            with _scaled_lr(optimizer, self._lr_factor), passing_found_inf(optimizer, flag):
+                return call(replay)
+        finally:
+            self._loss = observed  # losses of the optimizer's own re-evaluations (LBFGS)
 
-    def _run_once_per_gradient(self, optimizer: torch.optim.Optimizer) -> bool:
+    def _evaluate_closure(self, closure: Callable) -> Any:
+        """The closure's first evaluation, with gradients enabled; its loss is observed
+        unless the closure reported one itself."""
+        before = self._loss_calls
+        with torch.enable_grad():
+            loss = closure()
+        if self._loss_calls == before and (
+                (isinstance(loss, Tensor) and loss.numel() == 1)
+                or (isinstance(loss, (int, float)) and not isinstance(loss, bool))):
+            self.observe_loss(loss)
+        return loss
+
+    def _run_once_per_gradient(self, optimizer: torch.optim.Optimizer, *,
+                               scaled: bool = False) -> bool | Tensor:
         """The Guard's step for an attached ``optimizer.step()``.
 
         With several attached optimizers (e.g. one for the encoder, one for the decoder),
         the first to step after a backward pass runs the Guard over all its parameters;
         the others reuse that decision, so gradients are clipped once and the statistics
         see one step. "The same gradients" means the same tensors at the same version.
+
+        Returns:
+            Whether to update, or (fused optimizers, see :meth:`attach`) a ``found_inf``
+            device flag for the update.
         """
         # GradScaler hands fused optimizers the scale and the overflow flag as
         # attributes (their gradients are still scaled); None otherwise.
         grad_scale = getattr(optimizer, "grad_scale", None)
         found_inf = getattr(optimizer, "found_inf", None)
+        on_device = self._fused and found_inf is None and not scaled
         if len(self._attached) < 2:
-            return self._run(grad_scale=grad_scale, found_inf=found_inf)
+            return self._run(grad_scale=grad_scale, found_inf=found_inf, scaled=scaled,
+                             on_device=on_device)
         seen = self._last_gradients
         grads = [p.grad for p in self.params]
         if seen is not None and len(seen[0]) == len(grads) and all(
@@ -335,7 +460,8 @@ class Guard:
             for g, r, v in zip(grads, seen[0], seen[1], strict=True)
         ):
             return seen[2]
-        proceed = self._run(grad_scale=grad_scale, found_inf=found_inf)
+        proceed = self._run(grad_scale=grad_scale, found_inf=found_inf, scaled=scaled,
+                            on_device=on_device)
         grads = [p.grad for p in self.params]
         self._last_gradients = (
             [None if g is None else weakref.ref(g) for g in grads],
@@ -351,6 +477,7 @@ class Guard:
             if opt is not None:
                 opt.step = original  # type: ignore[method-assign]
         self._attached.clear()
+        self._update_fused()
 
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:
@@ -361,10 +488,33 @@ class Guard:
     # The step
     # ----------------------------------------------------------------------------------
 
-    def observe_loss(self, loss: Tensor | float) -> None:
-        """Give the Guard this step's loss (for the record and loss-spike remedies).
+    def observe_loss(self, loss: Tensor | float, *, reduction: str = "mean") -> None:
+        """Give the Guard a loss of this step (for the record and loss-spike remedies).
 
-        Call it any time before the optimizer step; the value stays on the device.
+        Call it any time before the optimizer step, once per step or once per
+        micro-batch under gradient accumulation: the values accumulate on the device
+        (no host read) until the Guard's step, whose loss is their mean
+        (``reduction="mean"``, for each micro-batch's own loss) or their sum
+        (``reduction="sum"``, for values that are already the micro-batch's share of the
+        step, such as a loss divided by the accumulation count). A NaN or inf in any
+        micro-batch makes the step's loss non-finite (recorded as inf), so the record
+        and the remedies see it. With a closure (``optimizer.step(closure)``) the
+        closure's loss is observed for you.
+
+        Args:
+            loss: a scalar tensor (detached here) or a number.
+            reduction: ``"mean"`` (default) or ``"sum"``; one per step.
+
+        Example:
+            >>> import torch, gradguard as gg
+            >>> model = torch.nn.Linear(4, 1)
+            >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            >>> guard = gg.Guard(model, sinks=[]).attach(opt)
+            >>> for micro in range(4):             # 4 micro-batches, one step
+            ...     loss = model(torch.randn(8, 4)).pow(2).mean()
+            ...     guard.observe_loss(loss)       # the raw micro-batch loss
+            ...     (loss / 4).backward()
+            >>> opt.step()                         # records the mean of the 4 losses
         """
         if isinstance(loss, Tensor):
             if loss.numel() != 1:
@@ -373,14 +523,32 @@ class Guard:
             value = loss.detach().reshape(()).float()
         else:
             value = torch.tensor(float(loss), device=self._device)
-        # NaN in the monitor means "no loss given": an observed NaN is recorded as inf.
-        self._pending_loss = torch.where(torch.isnan(value), math.inf, value)
-        self.sync.observe_loss(self._pending_loss)  # a non-finite loss names this rank
+        acc = self._loss
+        self._loss = StepLoss.first(value, reduction) if acc is None \
+            else acc.add(value, reduction)
+        self._loss_calls += 1
+        # a non-finite micro-batch loss names this rank (kept per call)
+        self.sync.observe_loss(torch.where(torch.isnan(value), math.inf, value))
 
     @property
     def pending_loss(self) -> Tensor | None:
-        """The loss observed since the last step (NaN recorded as inf), or ``None``."""
-        return self._pending_loss
+        """The step's loss observed so far (see :meth:`observe_loss`; NaN recorded as
+        inf), or ``None``."""
+        return None if self._loss is None else self._loss.value()
+
+    @property
+    def last_step_skipped(self) -> bool:
+        """Whether the Guard skipped the last optimizer step it ran on (a host bool).
+
+        Free after a step whose skip decision was read on the host (``"skip"`` with
+        non-fused optimizers, and ``"zero"``/``"ignore"``, where only a remedy skips).
+        With the fused device-side skip (see :meth:`attach`) the decision stays on the
+        device until this property reads it: one synchronisation. A GradScaler overflow
+        is the scaler's skip, not the Guard's: ``False``. Micro-batches that pass
+        through (accelerate) leave it as it was.
+        """
+        skipped = self._last_skipped
+        return bool(skipped) if isinstance(skipped, Tensor) else skipped
 
     def step(self) -> bool:
         """Clip and check the gradients now (the explicit form of :meth:`attach`).
@@ -393,22 +561,29 @@ class Guard:
             (or a remedy) decided to skip. With ``"zero"``/``"ignore"`` this is always
             ``True`` and nothing is read on the host.
         """
-        return self._run()
+        proceed = self._run()
+        assert not isinstance(proceed, Tensor)
+        self._last_skipped = not proceed
+        return proceed
 
-    def _run(self, grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> bool:
+    def _run(self, grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
+             *, scaled: bool = False, on_device: bool = False) -> bool | Tensor:
         self.step_count += 1
         if self._skip_next > 0:  # a rollback asked to skip the batches that follow it
             self._skip_next -= 1  # (on every rank alike: remedies decide on shared data)
             # No collective on these steps, so a rank's own loss must not reach the
             # record: remedies acting on it would part the ranks.
-            self._pending_loss = None
+            self._loss = None
             result = self._steps.skip(self.step_count, "rollback")
         else:
-            result = self._steps.run(self.step_count, loss=self._pending_loss,
+            result = self._steps.run(self.step_count, loss=self.pending_loss,
                                      optimizers=self.optimizers, grad_scale=grad_scale,
-                                     found_inf=found_inf)
+                                     found_inf=found_inf, scaled=scaled,
+                                     on_device=on_device)
             if result.stats is not None:  # recorded: the loss belongs to this step
-                self._pending_loss = None
+                self._loss = None
+        if result.found_inf is not None:  # skipped or not, on the device
+            return result.found_inf
         return self._act(result)
 
     def _act(self, result: StepResult) -> bool:

@@ -99,12 +99,15 @@ class StepResult:
         proceed: whether the optimizer should step.
         skipped: why the step was skipped (``"nonfinite"``, ``"rollback"``), else ``None``.
         interval: the monitor interval this step completed, if any.
+        found_inf: a step decided on the device (fused optimizers): the 0-d float32
+            flag to hand the optimizer (1: skip the update, 0: update), else ``None``.
     """
 
     stats: StepStats | None
     proceed: bool
     skipped: str | None = None
     interval: Interval | None = None
+    found_inf: Tensor | None = None
 
 
 class GuardStep:
@@ -146,6 +149,7 @@ class GuardStep:
     def run(
         self, step: int, *, loss: Tensor | None, optimizers: Sequence[torch.optim.Optimizer],
         grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
+        scaled: bool = False, on_device: bool = False,
     ) -> StepResult:
         """Measure, decide, apply and record one step.
 
@@ -154,6 +158,12 @@ class GuardStep:
             loss: this rank's loss observed since the last step, or ``None``.
             optimizers: the attached optimizers (policies may read them).
             grad_scale, found_inf: a fused optimizer's GradScaler attributes.
+            scaled: the gradients were just unscaled by a GradScaler that the update
+                goes through (accelerate): non-finite gradients are its overflow, which
+                it skips itself (``proceed=True``, nothing recorded).
+            on_device: ``nonfinite="skip"`` without the host read: the step is
+                recorded whatever it holds, and :attr:`StepResult.found_inf` carries the
+                skip to a fused optimizer.
 
         Raises:
             NonFiniteGradientError: with ``nonfinite="raise"`` on a non-finite step.
@@ -169,17 +179,37 @@ class GuardStep:
         stats = self.measure(groups, present, loss=loss, optimizers=optimizers,
                              grad_scale=grad_scale, found_inf=found_inf)
         stats.step = step
-        if self.nonfinite in ("skip", "raise") or self.scaler is not None:
+        if on_device:
+            return self._skip_on_device(step, stats, groups)
+        if self.nonfinite in ("skip", "raise") or self.scaler is not None or scaled:
             assert stats.grads_finite is not None
             if not bool(stats.grads_finite):  # the one host read of these modes
-                if self.scaler is not None or found_inf is not None:
+                if self.scaler is not None or found_inf is not None or scaled:
                     # The GradScaler skips this step and lowers its scale: not an
                     # observation, not an event. (A fused optimizer skips it by itself.)
-                    return StepResult(None, proceed=found_inf is not None)
+                    return StepResult(None, proceed=found_inf is not None or scaled)
                 return self._skip_nonfinite(step, stats)
         self.decide(stats, found_inf=found_inf)
         self.apply(stats, groups)
         return StepResult(stats, proceed=True, interval=self.record(step, stats))
+
+    def _skip_on_device(self, step: int, stats: StepStats, groups: TensorGroups) -> StepResult:
+        """``nonfinite="skip"`` for fused optimizers, with no host read: the policy and
+        the clipping run as on a finite step (the statistics learn nothing from a
+        non-finite one), the record marks the step skipped where it was non-finite, and
+        the optimizer gets the flag as ``found_inf``."""
+        self.decide(stats, finite_only=True)
+        self.apply(stats, groups, finite_only=True)
+        bad = stats.nonfinite
+        assert bad is not None
+        nan = torch.full((), math.nan, device=self.device)
+        stats.post = torch.where(bad, nan, stats.post)
+        stats.threshold = torch.where(bad, nan, stats.threshold)
+        stats.coef = torch.where(bad, nan, stats.coef)
+        stats.skipped = bad
+        flag = bad.to(torch.float32).reshape(())  # GradScaler's found_inf: 0-d float32
+        return StepResult(stats, proceed=True, interval=self.record(step, stats),
+                          found_inf=flag)
 
     def measure(
         self, groups: TensorGroups, present: list[int], *, loss: Tensor | None,
@@ -211,8 +241,13 @@ class GuardStep:
             stats.finite, stats.nonfinite = grads_finite, torch.logical_not(grads_finite)
         return stats
 
-    def decide(self, stats: StepStats, *, found_inf: Tensor | None = None) -> None:
-        """The policy's coefficients and threshold (statistics updated on finite steps)."""
+    def decide(self, stats: StepStats, *, found_inf: Tensor | None = None,
+               finite_only: bool = False) -> None:
+        """The policy's coefficients and threshold (statistics updated on finite steps).
+
+        ``finite_only`` (or a GradScaler's ``found_inf``): the step may be non-finite
+        and is not skipped on the host: coefficients are 1 where it is.
+        """
         policy = self.policy
         if policy is None:
             stats.coef = torch.ones((), device=self.device)
@@ -221,15 +256,17 @@ class GuardStep:
         policy.setup(len(self.params), self.device)
         coef, stats.threshold = policy.compute(stats)
         if policy.granularity == "unit":
-            if self.nonfinite == "ignore":  # the step goes on: non-finite units unscaled
+            if self.nonfinite == "ignore" or finite_only:  # non-finite units unscaled
                 coef = [torch.where(stats.grads_finite, c, 1.0) for c in coef]
-        elif self.nonfinite == "ignore" or found_inf is not None:
+        elif self.nonfinite == "ignore" or found_inf is not None or finite_only:
             coef = torch.where(stats.finite, coef, torch.ones_like(coef))
         stats.coef = coef
 
-    def apply(self, stats: StepStats, groups: TensorGroups) -> None:
+    def apply(self, stats: StepStats, groups: TensorGroups, *,
+              finite_only: bool = False) -> None:
         """Scale the gradients once, by the policy's granularity; summarise the
-        coefficients (the smallest) and the post-clip norm."""
+        coefficients (the smallest) and the post-clip norm (``finite_only``: as for
+        :meth:`decide`)."""
         policy = self.policy
         coef = stats.coef
         if policy is None:
@@ -239,7 +276,7 @@ class GuardStep:
             stats.units.mul_(groups.local, coef)
             stats.threshold = torch.full((), math.nan, device=self.device)
             coef, post = self.sync.unit_summary(
-                stats, coef, ones_if_nonfinite=self.nonfinite == "ignore")
+                stats, coef, ones_if_nonfinite=self.nonfinite == "ignore" or finite_only)
         elif policy.granularity == "tensor":
             mul_(groups, coef if stats.index is None else coef.index_select(0, stats.index))
             post = torch.linalg.vector_norm(stats.norms * coef, self.norm_type)
