@@ -10,7 +10,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 
 import gradguard as gg
-from guard_utils import loss_of, mlp, state_equal
+from guard_utils import POLICIES, loss_of, mlp, small_warmups, state_equal
 
 FUSED = {
     "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True),
@@ -141,3 +141,34 @@ def test_under_a_gradscaler_overflow_stays_the_scalers_and_finite_steps_match():
     assert state_equal(opt.state_dict(), opt_ref.state_dict())
     assert next(iter(opt.state.values()))["step"].item() == 3
     assert guard.stats() == {"steps": 3, "clipped": 0, "nonfinite": 0, "skipped": 0}
+
+
+@pytest.mark.parametrize("clip", POLICIES, ids=str)
+def test_the_device_skip_equals_the_host_skip_bitwise(clip):
+    # the same run, skipped on the device and on the host: parameters, optimizer state,
+    # policy state, counters
+    ref, model = mlp(), mlp()
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2, fused=True)
+    opt_ref._step_supports_amp_scaling = False  # no found_inf: the Guard reads the host
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    guard_ref = gg.Guard(ref, clip=small_warmups(clip), sinks=[]).attach(opt_ref)
+    guard = gg.Guard(model, clip=small_warmups(clip), sinks=[]).attach(opt)
+    for i in range(14):
+        for m, o in ((ref, opt_ref), (model, opt)):
+            o.zero_grad()
+            loss_of(m, i, scale=3).backward()
+            if i in (6, 7):
+                m[2].weight.grad[1, 0] = float("nan") if i == 6 else float("-inf")
+        opt_ref.step()
+        opt.step()
+        assert guard_ref.last_step_skipped is guard.last_step_skipped is (i in (6, 7))
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert state_equal(opt.state_dict(), opt_ref.state_dict())
+    # the policy's statistics; its host-side schedule counters (auto: Guard steps seen,
+    # when to refresh the parameter norm) also count the steps skipped on the device
+    host = set(getattr(guard.policy, "host_state", {}))
+    policies = [{k: v for k, v in (g.state_dict()["policy"] or {}).items() if k not in host}
+                for g in (guard, guard_ref)]
+    assert state_equal(*policies)
+    assert guard.stats() == guard_ref.stats() and guard.stats()["skipped"] == 2

@@ -141,7 +141,9 @@ class Guard:
             * ``"skip"`` (default): the optimizer step does not happen; parameters,
               optimizer state (moments, step counts) and statistics stay exactly as they
               were. Deciding to skip reads one flag on the host: **one device
-              synchronisation per step** (free on CPU).
+              synchronisation per step** (free on CPU), except with torch's fused
+              Adam, AdamW, SGD and Adagrad, which take the flag on the device and skip
+              with no synchronisation (see :meth:`attach`).
             * ``"zero"``: non-finite entries become 0 and the step goes on. Sync-free: on
               accelerators every gradient is passed through ``nan_to_num_`` each step.
             * ``"raise"``: :class:`NonFiniteGradientError` naming the first offending
