@@ -240,7 +240,8 @@ def test_meta_lists_the_options_of_every_detector():
     assert mon.meta["detectors"] == {
         "spike_factor": 5.0, "spike_warmup": 20, "spike_beta": 0.98, "spike_cooldown": 50,
         "vanishing_rel": 1e-5, "vanishing_abs": 1e-10, "clip_rate_threshold": None,
-        "min_interval_steps": 10, "host_nonfinite_events": False}
+        "update_spike_z": 4.0, "update_spike_factor": 3.0, "update_spike_beta": 0.9,
+        "update_spike_warmup": 5, "min_interval_steps": 10, "host_nonfinite_events": False}
     import gradguard
 
     assert mon.meta["gradguard_version"] == gradguard.__version__

@@ -343,11 +343,12 @@ def test_monitor_state_dict_is_derived_from_its_detectors():
     state = mon.state_dict()
     declared = [n for d in mon.detectors.values() for n in d.state_names]
     assert declared == ["log_base", "n_base", "episode_start", "layer_base", "vanishing",
-                        "clip_rate_flagged"]
+                        "clip_rate_flagged", "optim_log_mean", "optim_log_var",
+                        "optim_samples", "optim_flagged"]
     assert list(state) == ["version", "names", "totals", "event_counts", *declared,
                            "pending_steps", "pending"]
     assert list(mon.detectors) == ["spike", "nonfinite", "skip", "vanishing",
-                                   "high_clip_rate"]
+                                   "high_clip_rate", "update_spike"]
 
 
 def test_detector_options_are_validated_by_the_detectors():

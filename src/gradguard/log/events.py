@@ -2,7 +2,7 @@
 
 An :class:`Event` is the unit of advice gradguard gives: the monitor's detectors
 (:mod:`gradguard.monitor.detectors`) produce ``spike``, ``nonfinite``, ``vanishing``,
-``high_clip_rate`` and ``skip`` events at each flush; the Guard's remedies add
+``high_clip_rate``, ``skip`` and ``update_spike`` events at each flush; the Guard's remedies add
 ``lr_backoff``, ``lr_restore``, ``rollback`` and ``abort``. Sinks
 (:mod:`gradguard.log.sinks`) carry them out of the training loop.
 """
@@ -15,7 +15,7 @@ from typing import Any
 
 __all__ = ["EVENT_KINDS", "EVENT_SEVERITY", "Event"]
 
-#: Every event kind gradguard itself emits. The first five come from the monitor's
+#: Every event kind gradguard itself emits. The first six come from the monitor's
 #: detectors (see :mod:`gradguard.monitor.detectors`), the rest from the Guard and its
 #: remedies. Other kinds are accepted (a user's remedy may add its own), these are the
 #: known ones.
@@ -25,6 +25,7 @@ EVENT_KINDS: tuple[str, ...] = (
     "vanishing",  # some layers' gradients are orders of magnitude below the rest
     "high_clip_rate",  # most steps of an interval were clipped
     "skip",  # an optimizer step was skipped
+    "update_spike",  # Adam's update or gradient/second-moment ratio jumped in some layers
     "lr_backoff",  # a remedy lowered the learning rate
     "lr_restore",  # ... and restored it
     "rollback",  # parameters restored from an earlier snapshot
@@ -39,6 +40,7 @@ EVENT_SEVERITY: dict[str, str] = {
     "vanishing": "warning",
     "high_clip_rate": "warning",
     "skip": "warning",
+    "update_spike": "warning",
     "lr_backoff": "info",
     "lr_restore": "info",
     "rollback": "error",

@@ -53,6 +53,24 @@ constructor arguments, validated there.
     at this learning rate (expected when it is high); AutoClip, AdaGC and AGC clip most
     steps by design. Disable it (None) for policies that clip most steps by design.
 
+``update_spike`` (:class:`UpdateSpike`)
+    With an Adam-family optimizer watched, the monitor samples two per-layer signals at
+    the last step of every interval (:mod:`gradguard.monitor.optim_signals`): the RMS of
+    the gradient relative to Adam's second moment (``grad_v_rms``) and the update-to-weight
+    ratio per unit of learning rate (``update_ratio_per_lr``: a warm-up or decay schedule
+    does not move it). Each layer and signal keeps a running mean and variance of the
+    *log* value over its samples (EMA with ``update_spike_beta`` = 0.9 per sample, a
+    plain running mean/variance over the first samples, NaN and non-finite steps
+    skipped). After ``update_spike_warmup`` (5) samples, a value is a jump when its log
+    exceeds the mean by more than ``max(update_spike_z x std, log(update_spike_factor))``
+    (defaults z = 4, factor = 3): the z-score adapts the band to each layer's own noise
+    (a one-entry bias has a log-std of ~1, a large matrix ~0.05), the factor keeps
+    quiet layers from firing on a meaningless 20% move. Updates of the statistics are
+    winsorised to that band, so a spike barely moves them. One event per sample naming
+    the layers that newly jumped (a layer stays flagged, without new events, until a
+    sample is back inside its band). Update spikes relative to an out-of-date second
+    moment precede loss spikes in large runs (Wortsman et al. 2023, arXiv:2309.14322).
+
 The interval detectors (vanishing, high_clip_rate) need at least ``min_steps`` finite
 steps in the interval, so that an explicit flush after a handful of steps does not judge
 on too little evidence.
@@ -81,6 +99,7 @@ from gradguard._validation import (
     check_threshold,
 )
 from gradguard.log.events import Event
+from gradguard.monitor.optim_signals import SIGNALS
 from gradguard.monitor.record import IntervalRows
 
 __all__ = [
@@ -90,6 +109,7 @@ __all__ = [
     "NonFinite",
     "Skip",
     "Spike",
+    "UpdateSpike",
     "Vanishing",
     "describe_origin",
     "policy_name",
@@ -714,3 +734,121 @@ class ClipRate(Detector):
                 "clip_threshold_last": thr[-1], "policy": self.policy}
         return [Event(step=steps[-1], kind="high_clip_rate", message=msg, layers=[],
                       rank=self.rank, data=data)]
+
+
+# --------------------------------------------------------------------------------------
+# Jumps of Adam's update and gradient/second-moment ratio
+# --------------------------------------------------------------------------------------
+
+#: The optimizer signals the :class:`UpdateSpike` detector watches (rows of ``rows.optim``).
+WATCHED_SIGNALS: tuple[str, ...] = ("grad_v_rms", "update_ratio_per_lr")
+
+
+class UpdateSpike(Detector):
+    """Per-layer jumps of the optimizer signals relative to their own running statistics
+    (see the module docstring): one event per sample with new jumps.
+
+    Args:
+        names, rank, max_layers: as for :class:`Detector`.
+        z: a jump is a log value more than ``z`` running standard deviations above the
+            running mean (None: no detection; the statistics are still kept).
+        factor: ... and at least ``factor`` times the running level.
+        beta: EMA coefficient of the statistics, per sample (one sample per interval).
+        warmup: samples a layer's statistics need before it is judged.
+
+    References:
+        Wortsman et al., "Small-scale proxies for large-scale Transformer training
+        instabilities", arXiv:2309.14322 (2023); Kumar et al., "ZClip", arXiv:2504.02507
+        (2025) (the z-score on EMA statistics).
+    """
+
+    kind = "update_spike"
+
+    def __init__(self, names: Sequence[str], *, z: float | None = 4.0, factor: float = 3.0,
+                 beta: float = 0.9, warmup: int = 5, rank: int = 0,
+                 max_layers: int = 5) -> None:
+        super().__init__(names, rank=rank, max_layers=max_layers)
+        self.z = None if z is None else check_open_interval(z, "update_spike_z", 0.0, math.inf)
+        self.factor = check_open_interval(factor, "update_spike_factor", 1.0, math.inf)
+        self.beta = check_fraction(beta, "update_spike_beta")
+        self.warmup = check_int(warmup, "update_spike_warmup", 1)
+        shape = (len(WATCHED_SIGNALS), len(self.names))
+        f64 = torch.float64
+        # Running mean and variance of each signal's log value, per layer (NaN: no sample).
+        self.add_state("optim_log_mean", torch.full(shape, math.nan, dtype=f64))
+        self.add_state("optim_log_var", torch.zeros(shape, dtype=f64))
+        self.add_state("optim_samples", torch.zeros(shape, dtype=torch.int64))
+        self.add_state("optim_flagged", torch.zeros(shape, dtype=torch.bool))
+
+    def config(self) -> dict[str, Any]:
+        return {"update_spike_z": self.z, "update_spike_factor": self.factor,
+                "update_spike_beta": self.beta, "update_spike_warmup": self.warmup}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """As :meth:`Detector.load_state_dict`; a state saved before this detector existed
+        (no ``optim_*`` keys) resets it instead of failing."""
+        if not all(name in state for name in self.state_names):
+            self.reset()
+            return
+        super().load_state_dict(state)
+
+    def update(self, rows: IntervalRows) -> list[Event]:
+        if rows.optim is None or rows.bad[-1] or not len(self.names):
+            return []  # no sample, or one taken on a non-finite step
+        x = rows.optim[[SIGNALS.index(s) for s in WATCHED_SIGNALS]]
+        valid = torch.isfinite(x) & (x > 0)
+        logx = torch.where(valid, x, 1.0).log()
+        count = self.optim_samples
+        mean, var = self.optim_log_mean, self.optim_log_var
+        dev = logx - mean  # NaN for a layer's first sample
+        band = torch.full_like(var, math.log(self.factor))
+        if self.z is not None:
+            band = torch.maximum(band, self.z * var.sqrt())
+        judged = valid & (count >= self.warmup) & (self.z is not None)
+        jump = judged & (dev > band)
+        new = jump & ~self.optim_flagged
+        # a layer leaves the flagged set once a sample is back inside its band
+        self.optim_flagged = torch.where(valid, jump, self.optim_flagged)
+        # Running statistics: beta grows from 0 (plain running mean/variance over the first
+        # samples), deviations winsorised to the band so that a jump barely moves them.
+        b = torch.clamp(count.double() / (count + 1), max=self.beta)
+        d = torch.maximum(torch.minimum(dev, band), -band)
+        first = valid & (count == 0)
+        upd_mean = torch.where(first, logx, mean + (1 - b) * d)
+        upd_var = torch.where(first, torch.zeros_like(var), b * (var + (1 - b) * d.square()))
+        self.optim_log_mean = torch.where(valid, upd_mean, mean)
+        self.optim_log_var = torch.where(valid, upd_var, var)
+        self.optim_samples = count + valid.long()
+        if not bool(new.any()):
+            return []
+        return [self._event(rows, x, mean, new)]
+
+    def _event(self, rows: IntervalRows, x: Tensor, mean: Tensor, new: Tensor) -> Event:
+        """The event of the jumps ``new`` (signal, layer), largest ratio first."""
+        ratio = x / mean.exp()
+        jumps = [(float(ratio[s, j]), s, j) for s, j in new.nonzero().tolist()]
+        jumps.sort(key=lambda r: -r[0])
+        layers: list[str] = []
+        for _, _, j in jumps:
+            if self.names[j] not in layers:
+                layers.append(self.names[j])
+        shown = layers[: self.max_layers]
+        step = rows.steps[-1]
+        parts = [f"{self.names[j]} {WATCHED_SIGNALS[s]} {float(x[s, j]):.3g} "
+                 f"({r:.1f}x its running level)" for r, s, j in jumps[: self.max_layers]]
+        msg = (
+            f"Adam update spike at step {step}: {'; '.join(parts)}"
+            f"{_more(min(len(jumps), self.max_layers), len(jumps))}. The gradient outgrew "
+            "Adam's second moment or the update outgrew the weights; such jumps often "
+            "precede loss spikes. Try: a lower learning rate or longer warm-up, a lower "
+            "beta2 (e.g. 0.95), update clipping (StableAdamW) or gradient clipping."
+        )
+        data = {
+            "n_jumps": len(jumps),
+            "jumps": [{"layer": self.names[j], "signal": WATCHED_SIGNALS[s],
+                       "value": float(x[s, j]), "ratio": r}
+                      for r, s, j in jumps[: self.max_layers]],
+            "z": self.z, "factor": self.factor,
+        }
+        return Event(step=step, kind="update_spike", message=msg, layers=shown,
+                     rank=self.rank, data=data)

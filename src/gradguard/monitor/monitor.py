@@ -14,6 +14,13 @@ record (:mod:`gradguard.monitor.record`), runs the detectors
 and events) and the cost per step is O(1) whatever the run length: O(number of tensors)
 device work per step, O(log_every x number of tensors) host work per flush.
 
+With an Adam-family optimizer watched (:meth:`Monitor.watch_optimizer`, one call at
+attach time), the step that completes an interval also computes, on the device, each
+layer's gradient relative to Adam's second moment and its update-to-weight ratio
+(:mod:`gradguard.monitor.optim_signals`), into auxiliary rows of the same buffer: they
+ride the interval's one transfer. Other steps, and monitors that watch no such optimizer,
+cost exactly what they did.
+
 When the Guard already reads the non-finite flag on the host (to skip a step), it tells
 the monitor at once with :meth:`Monitor.note_step`; the detectors emit the event then.
 Built with ``host_nonfinite_events=True`` (the Guard's ``nonfinite="skip"``/``"raise"``),
@@ -37,7 +44,16 @@ from gradguard._version import __version__
 from gradguard.log.events import Event
 from gradguard.log.sinks import make_sink, sink_specs
 from gradguard.monitor.buffer import RingBuffer
-from gradguard.monitor.detectors import ClipRate, Detector, NonFinite, Skip, Spike, Vanishing
+from gradguard.monitor.detectors import (
+    ClipRate,
+    Detector,
+    NonFinite,
+    Skip,
+    Spike,
+    UpdateSpike,
+    Vanishing,
+)
+from gradguard.monitor.optim_signals import SIGNALS, OptimizerWatch
 from gradguard.monitor.record import FIELDS, Interval, IntervalRows, build_record
 
 __all__ = ["Monitor"]
@@ -74,6 +90,13 @@ class Monitor:
             fires (None disables it).
         min_interval_steps: finite steps an interval needs for the interval detectors
             (capped at ``log_every``).
+        update_spike_z: with an Adam-family optimizer watched, a layer's optimizer signal
+            jumps when its log exceeds its running mean by this many running standard
+            deviations (None disables the detector; see
+            :class:`~gradguard.monitor.detectors.UpdateSpike`).
+        update_spike_factor: ... and by at least this factor.
+        update_spike_beta: EMA coefficient of those statistics, per sampled interval.
+        update_spike_warmup: samples a layer needs before it is judged.
         host_nonfinite_events: the host reports every non-finite and skipped step with
             :meth:`note_step` as it happens; the interval's "nonfinite" and "skip" events
             then leave them out. (The one place this is decided.)
@@ -115,6 +138,10 @@ class Monitor:
         vanishing_abs: float = 1e-10,
         clip_rate_threshold: float | None = 0.5,
         min_interval_steps: int = 10,
+        update_spike_z: float | None = 4.0,
+        update_spike_factor: float = 3.0,
+        update_spike_beta: float = 0.9,
+        update_spike_warmup: int = 5,
         host_nonfinite_events: bool = False,
         max_layers: int = 5,
         max_events: int = 1000,
@@ -144,6 +171,8 @@ class Monitor:
                 ClipRate(self.names, threshold=clip_rate_threshold, min_steps=min_steps,
                          policy=policy if policy is not None else meta.get("policy"),
                          **common),
+                UpdateSpike(self.names, z=update_spike_z, factor=update_spike_factor,
+                            beta=update_spike_beta, warmup=update_spike_warmup, **common),
             )
         }
         _check_unique_state(self.detectors.values())
@@ -163,6 +192,9 @@ class Monitor:
         self._fields_shape = torch.Size([_NF])
         self._per_tensor_shape = torch.Size([len(self.names)])
         self._closed = False
+        # The Adam-family optimizers watched (None until one is): see watch_optimizer.
+        self._optim: OptimizerWatch | None = None
+        self._optim_fields: Tensor | None = None  # the NaN prefix of the auxiliary rows
 
         self.meta: dict[str, Any] = self._meta(meta)
         self.sinks: list[Any] = []
@@ -204,6 +236,12 @@ class Monitor:
     def closed(self) -> bool:
         """Whether :meth:`close` was called."""
         return self._closed
+
+    @property
+    def watches_optimizer(self) -> bool:
+        """Whether an Adam-family optimizer is watched (records then have
+        :data:`~gradguard.monitor.record.OPTIM_RECORD_KEYS`)."""
+        return self._optim is not None
 
     @property
     def policy(self) -> str | None:
@@ -254,8 +292,60 @@ class Monitor:
                 f"{tuple(per_tensor.shape)}"
             )
         if self.buffer.write(step, fields, per_tensor) >= self.log_every:
+            if self._optim is not None:
+                self._sample_optimizer()
             return self.flush_interval()
         return None
+
+    def watch_optimizer(self, optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> int:
+        """Compute Adam-aware signals from ``optimizer`` at the last step of every interval.
+
+        At each step that completes an interval, before the optimizer steps, the monitor
+        computes per layer (on the device, no host read) the gradient's RMS relative to
+        Adam's second moment and the update-to-weight ratio of the update about to be
+        applied (:mod:`gradguard.monitor.optim_signals`), writes them beside the step rows
+        (they travel with the interval's one transfer), adds
+        :data:`~gradguard.monitor.record.OPTIM_RECORD_KEYS` to the records and feeds the
+        ``update_spike`` detector. Call it once per optimizer (and again after
+        ``add_param_group``). Optimizers other than Adam, AdamW, NAdam, RAdam and Adamax
+        (and their subclasses) are ignored, and the monitor then costs what it did.
+
+        Args:
+            optimizer: the optimizer that updates (some of) the parameters.
+            params: the monitored parameters, one per name, in the order of the names
+                (the Guard's ``params``).
+
+        Returns:
+            How many of ``params`` the optimizer updates and the monitor now watches (0
+            for an optimizer of another family).
+
+        Raises:
+            TypeError: if ``optimizer`` is not a ``torch.optim.Optimizer``.
+            ValueError: if ``params`` does not have one tensor per name.
+
+        Example:
+            >>> w = torch.nn.Parameter(torch.ones(2))
+            >>> opt = torch.optim.AdamW([w], lr=1e-3)
+            >>> mon = Monitor(["w"], log_every=10, sinks=[])
+            >>> mon.watch_optimizer(opt, [w])
+            1
+        """
+        watch = self._optim if self._optim is not None else OptimizerWatch(len(self.names))
+        count = watch.add(optimizer, params)
+        if count and self._optim is None:
+            self._optim = watch
+            self.buffer.set_aux_rows(len(SIGNALS))
+        return count
+
+    def _sample_optimizer(self) -> None:
+        """The optimizer signals of this step into the buffer's auxiliary rows (device
+        work only: no host read)."""
+        assert self._optim is not None and self.buffer.device is not None
+        device = self.buffer.device
+        values = self._optim.compute(device)
+        if self._optim_fields is None or self._optim_fields.device != device:
+            self._optim_fields = torch.full((len(SIGNALS), _NF), float("nan"), device=device)
+        self.buffer.write_aux(self._optim_fields, values)
 
     # ----------------------------------------------------------------------------------
     # Flush: the one device->host transfer, then host-side record and detectors
@@ -273,15 +363,17 @@ class Monitor:
             The :class:`~gradguard.monitor.record.Interval` (its record and new events,
             not those noted or emitted), or ``None`` without pending rows.
         """
-        block = self.buffer.read()
+        block = self.buffer.read_with_aux()
         if block is None:
             return None
-        rows = IntervalRows(*block)
+        values, steps, aux = block
+        rows = IntervalRows(values, steps, None if aux is None else aux[:, _NF:])
         events = [e for d in self.detectors.values() for e in d.update(rows)]
         events.sort(key=lambda e: e.step)
         spike = self.detectors["spike"]
         assert isinstance(spike, Spike)
-        record = build_record(rows, self.names, spikes=spike.last_count, rank=self.rank)
+        record = build_record(rows, self.names, spikes=spike.last_count, rank=self.rank,
+                              optim_keys=self._optim is not None)
         for key, n in (("steps", rows.n), ("clipped", rows.n_clipped),
                        ("nonfinite", rows.n_bad), ("skipped", rows.n_skipped),
                        ("spikes", spike.last_count), ("flushes", 1)):

@@ -6,11 +6,16 @@ skipped or non-finite), which the detectors (:mod:`gradguard.monitor.detectors`)
 :func:`build_record` share. The record keeps min/max/mean over every step of the interval,
 so a spike between two log steps is never lost. An :class:`Interval` is what a flush
 hands on: the record and the new events.
+
+With an Adam-family optimizer watched (:meth:`~gradguard.monitor.Monitor.watch_optimizer`),
+the interval also carries the optimizer signals of its last step
+(:mod:`gradguard.monitor.optim_signals`) and the record gains :data:`OPTIM_RECORD_KEYS`.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -19,8 +24,10 @@ import torch
 from torch import Tensor
 
 from gradguard.log.events import Event
+from gradguard.monitor.optim_signals import SIGNALS
 
-__all__ = ["FIELDS", "RECORD_KEYS", "Interval", "IntervalRows", "build_record"]
+__all__ = ["FIELDS", "OPTIM_RECORD_KEYS", "RECORD_KEYS", "Interval", "IntervalRows",
+           "build_record"]
 
 #: The scalars of one step, in the order of the ``fields`` vector passed to
 #: :meth:`~gradguard.monitor.Monitor.observe`. ``clipped``/``nonfinite``/``skipped`` are
@@ -69,6 +76,23 @@ RECORD_KEYS: tuple[str, ...] = (
     "time",  # wall-clock time.time() of the flush
 )
 
+#: The keys a record gains, between ``top_layer_norm`` and ``rank``, when the monitor
+#: watches an Adam-family optimizer: the signals of
+#: :mod:`gradguard.monitor.optim_signals` at the interval's last step (all NaN/None when
+#: that step was not sampled, e.g. an explicit flush of a partial interval). Statistics
+#: over layers use finite values only.
+OPTIM_RECORD_KEYS: tuple[str, ...] = (
+    "optim_step",  # the step the signals were computed at (None: not sampled)
+    "grad_v_rms_max",  # rms(g / (sqrt(v_hat) + eps)): max and median over layers
+    "grad_v_rms_median",
+    "grad_v_rms_top_layer",  # the layer of the max (or None)
+    "update_ratio_max",  # ||update|| / ||weight|| of that step: max and median over layers
+    "update_ratio_median",
+    "update_ratio_top_layer",
+    "layer_grad_v_rms",  # list, one per tensor (NaN: not watched, no gradient or state)
+    "layer_update_ratio",  # list, one per tensor
+)
+
 _NF = len(FIELDS)
 
 
@@ -87,6 +111,8 @@ class IntervalRows:
     Args:
         block: ``(n, len(FIELDS) + n_layers)`` float64 CPU values, one row per step.
         steps: the ``n`` step numbers.
+        optim: ``(len(SIGNALS), n_layers)`` float64 optimizer signals of the last step
+            (:data:`~gradguard.monitor.optim_signals.SIGNALS`), or ``None``.
 
     Attributes:
         steps: the step numbers.
@@ -100,10 +126,15 @@ class IntervalRows:
         valid: finite and non-zero (a norm of exactly 0 means "no gradient this step").
         n_bad, n_good, n_clipped, n_skipped: counts of steps.
         clip_rate: clipped finite steps / finite steps (NaN when there are none).
+        optim: the optimizer signals of the last step, or ``None``.
     """
 
-    def __init__(self, block: Tensor, steps: list[int]) -> None:
+    def __init__(self, block: Tensor, steps: list[int], optim: Tensor | None = None) -> None:
         n = block.shape[0]
+        if optim is not None and optim.shape != (len(SIGNALS), block.shape[1] - _NF):
+            raise ValueError(f"optim must have shape ({len(SIGNALS)}, "
+                             f"{block.shape[1] - _NF}), got {tuple(optim.shape)}")
+        self.optim = optim
         self.steps = steps
         self.n = n
         cols = [block[:, i].tolist() for i in range(_NF)]
@@ -173,8 +204,35 @@ def _layer_stats(rows: IntervalRows, names: list[str]) -> dict[str, Any]:
     }
 
 
+def _signal_stats(values: list[float], names: list[str]) -> tuple[float, float, str | None]:
+    """Max, median and the argmax's name over the finite values (NaN, NaN, None: none)."""
+    finite = [(v, k) for k, v in enumerate(values) if math.isfinite(v)]
+    if not finite:
+        return math.nan, math.nan, None
+    top, k = max(finite, key=lambda vk: vk[0])  # first max on ties
+    return top, statistics.median(v for v, _ in finite), names[k]
+
+
+def _optim_stats(rows: IntervalRows, names: list[str]) -> dict[str, Any]:
+    n_layers = len(names)
+    if rows.optim is None:
+        grad_v = update = [math.nan] * n_layers
+    else:
+        grad_v = rows.optim[SIGNALS.index("grad_v_rms")].tolist()
+        update = rows.optim[SIGNALS.index("update_ratio")].tolist()
+    gv_max, gv_med, gv_top = _signal_stats(grad_v, names)
+    up_max, up_med, up_top = _signal_stats(update, names)
+    return {
+        "optim_step": None if rows.optim is None else rows.steps[-1],
+        "grad_v_rms_max": gv_max, "grad_v_rms_median": gv_med, "grad_v_rms_top_layer": gv_top,
+        "update_ratio_max": up_max, "update_ratio_median": up_med,
+        "update_ratio_top_layer": up_top,
+        "layer_grad_v_rms": grad_v, "layer_update_ratio": update,
+    }
+
+
 def build_record(
-    rows: IntervalRows, names: list[str], *, spikes: int, rank: int
+    rows: IntervalRows, names: list[str], *, spikes: int, rank: int, optim_keys: bool = False
 ) -> dict[str, Any]:
     """The interval record of ``rows`` (keys :data:`RECORD_KEYS`, in that order).
 
@@ -183,6 +241,7 @@ def build_record(
         names: one name per parameter tensor (for ``top_layer``).
         spikes: the steps the spike detector flagged in this interval.
         rank: the distributed rank, stamped on the record.
+        optim_keys: add :data:`OPTIM_RECORD_KEYS` (before ``rank``), from ``rows.optim``.
 
     Returns:
         The record: plain Python values (floats, ints, lists, str or None).
@@ -208,6 +267,7 @@ def build_record(
         # buffer means "no loss given")
         "loss_nonfinite": sum(1 for x in rows.loss if math.isinf(x)),
         **_layer_stats(rows, names),
+        **(_optim_stats(rows, names) if optim_keys else {}),
         "rank": rank,
         "time": time.time(),
     }
