@@ -17,8 +17,8 @@ What the callback does, and where in Lightning's loop:
   manual optimisation (``opt.step()`` in ``training_step``) alike.
 * **the loss** -- read in ``on_before_backward`` for every micro-batch, without user
   code: Lightning divides it by ``accumulate_grad_batches`` in automatic optimisation
-  (undone here) and scales it under fp16 ``MixedPrecision`` (undone with the scaler's
-  scale, a device tensor: no sync). The Guard records the step's mean.
+  (the shares are summed) and scales it under fp16 ``MixedPrecision`` (undone with the
+  scaler's scale, a device tensor: no sync). The Guard records the step's mean loss.
 * **logging** -- every ``log_every`` Guard steps (default: the trainer's
   ``log_every_n_steps``) the monitor's interval record goes to the trainer's loggers as
   ``gradguard/...`` metrics (:mod:`gradguard.integrations.common`), at
@@ -163,9 +163,10 @@ class GuardCallback(pl.Callback):
         scale = getattr(scaler, "_scale", None) if scaler is not None else None
         if isinstance(scale, Tensor) and scaler.is_enabled():
             value = value / scale.to(value.device)
-        if pl_module.automatic_optimization and trainer.accumulate_grad_batches > 1:
-            value = value * trainer.accumulate_grad_batches  # Lightning divided it
-        self.guard.observe_loss(value)
+        # automatic optimisation: Lightning divided the loss by accumulate_grad_batches,
+        # so the micro-batches' values sum to the step's mean; manual: the user's losses
+        automatic = pl_module.automatic_optimization
+        self.guard.observe_loss(value, reduction="sum" if automatic else "mean")
 
     def _log_record(self, kind: str, payload: Any) -> None:
         """Monitor sink: an interval record -> the trainer's loggers."""

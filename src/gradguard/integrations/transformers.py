@@ -37,7 +37,9 @@ inside every real optimizer step, once per step under gradient accumulation.
 * **Checkpoints.** The Guard's state is saved with every HF checkpoint (in
   ``trainer_state.json``, through ``ExportableState``) and restored when training resumes
   from it (``resume_from_checkpoint``), with or without
-  ``restore_callback_states_from_checkpoint``.
+  ``restore_callback_states_from_checkpoint`` (with it, HF replaces the callback by one
+  it builds from the checkpoint's JSON arguments: find it in
+  ``trainer.callback_handler.callbacks``).
 * **Train end**: the Guard is closed (last partial interval flushed, optimizer detached)
   and the Trainer instance is restored. ``callback.guard`` stays readable.
 """
@@ -146,6 +148,12 @@ class GuardCallback(TrainerCallback, ExportableState):
             raise ValueError("GuardCallback does not work with DeepSpeed: DeepSpeed steps "
                              "and clips inside its engine, where the Guard cannot act")
         self._take_over_clipping(args)
+        dropped = sorted(k for k, v in self._arguments().items() if not _jsonable(v))
+        if dropped and getattr(args, "restore_callback_states_from_checkpoint", False):
+            warnings.warn(
+                f"GuardCallback: restore_callback_states_from_checkpoint rebuilds this "
+                f"callback from the JSON arguments in the checkpoint; {dropped} are not "
+                "JSON and will take their defaults on resume", stacklevel=2)
         options = dict(self.guard_kwargs)
         if args.logging_strategy == "steps" and state.logging_steps >= 1:
             options.setdefault("log_every", int(state.logging_steps))
@@ -205,12 +213,10 @@ class GuardCallback(TrainerCallback, ExportableState):
 
         def guarded_training_step(*args: Any, **kwargs: Any) -> Any:
             loss = training_step(*args, **kwargs)
-            # HF returned the micro-batch's share of the step's loss (divided by the
-            # accumulation count, or normalised over the step's tokens): times the count,
-            # the mean the Guard records is the step's loss, as HF logs it
-            count = getattr(trainer, "current_gradient_accumulation_steps",
-                            trainer.args.gradient_accumulation_steps)
-            guard.observe_loss(loss * count)
+            # HF returns the micro-batch's share of the step's loss (divided by the
+            # accumulation count, or normalised over the step's tokens): their sum is
+            # the step's loss, as HF logs it
+            guard.observe_loss(loss, reduction="sum")
             return loss
 
         def log_with_guard(logs: dict[str, float], *args: Any, **kwargs: Any) -> Any:
@@ -279,14 +285,16 @@ class GuardCallback(TrainerCallback, ExportableState):
     # Checkpoints (ExportableState)
     # ----------------------------------------------------------------------------------
 
+    def _arguments(self) -> dict[str, Any]:
+        return {"clip": self.clip, "nonfinite": self.nonfinite, **self.guard_kwargs}
+
     def state(self) -> dict[str, Any]:
         """What HF stores in a checkpoint's ``trainer_state.json``: the constructor's
         JSON arguments (HF rebuilds the callback from them with
         ``restore_callback_states_from_checkpoint``) and the Guard's state, encoded."""
-        arguments = {"clip": self.clip, "nonfinite": self.nonfinite, **self.guard_kwargs}
         resume_state = self.resume_state
         if self.guard is not None:
             resume_state = {"global_step": self._global_step,
                             "guard": _encode(self.guard.state_dict())}
-        return {"args": {k: v for k, v in arguments.items() if _jsonable(v)},
+        return {"args": {k: v for k, v in self._arguments().items() if _jsonable(v)},
                 "attributes": {"resume_state": resume_state}}
