@@ -177,6 +177,24 @@ def test_monitor_samples_without_host_read_until_the_interval_transfer():
     assert "write_aux" not in frames
 
 
+class _Wrapper(torch.optim.Optimizer):
+    """An optimizer wrapper as accelerate's AcceleratedOptimizer: the real one inside."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:  # no super().__init__
+        self.optimizer = optimizer
+
+
+def test_a_wrapped_optimizer_is_read_through_its_inner_one():
+    w = torch.nn.Parameter(torch.ones(3))
+    inner = torch.optim.Adam([w], lr=0.1)
+    watch = OptimizerWatch(1)
+    assert watch.add(_Wrapper(_Wrapper(inner)), [w]) == 1
+    w.grad = torch.ones(3)
+    inner.step()
+    assert watch.compute(CPU)[GV, 0].item() == pytest.approx(1.0)
+    assert OptimizerWatch(1).add(_Wrapper(torch.optim.SGD([w], lr=0.1)), [w]) == 0
+
+
 def test_unwatched_monitor_is_unchanged():
     w = torch.nn.Parameter(torch.ones(2))
     mon = Monitor(["w"], log_every=2, sinks=[])
@@ -328,11 +346,13 @@ def test_monitor_resume_is_bitwise():
 # --------------------------------------------------------------------------------------
 
 
-def _rows(step: int, values: list[list[float]], bad: bool = False) -> IntervalRows:
+def _rows(step: int, values: list[list[float]], bad: bool = False,
+          skipped: bool = False) -> IntervalRows:
     """A one-step interval whose optimizer sample has ``values`` per signal and layer."""
     n = len(values[0])
     block = torch.zeros(1, len(FIELDS) + n, dtype=torch.float64)
     block[0, 0] = math.nan if bad else 1.0
+    block[0, FIELDS.index("skipped")] = float(skipped)
     block[0, len(FIELDS):] = 1.0
     return IntervalRows(block, [step], torch.tensor(values, dtype=torch.float64))
 
@@ -352,6 +372,7 @@ def test_detector_rule_by_hand():
     snapshot = det.state_dict()
     assert det.update(_rows(4, [[math.nan, math.nan], [1.0, 1.0], [0.0, math.inf]])) == []
     assert det.update(_rows(5, [[1e9, 1e9], [1e9, 1e9], [1e9, 1e9]], bad=True)) == []
+    assert det.update(_rows(5, [[1e9, 1e9], [1e9, 1e9], [1e9, 1e9]], skipped=True)) == []
     for name, value in det.state_dict().items():
         assert torch.equal(value.nan_to_num(), snapshot[name].nan_to_num()), name
     mean3 = det.optim_log_mean[0, 0].item()

@@ -60,10 +60,11 @@ constructor arguments, validated there.
     ratio per unit of learning rate (``update_ratio_per_lr``: a warm-up or decay schedule
     does not move it). Each layer and signal keeps a running mean and variance of the
     *log* value over its samples (EMA with ``update_spike_beta`` = 0.9 per sample, a
-    plain running mean/variance over the first samples, NaN and non-finite steps
-    skipped). After ``update_spike_warmup`` (5) samples, a value is a jump when its log
-    exceeds the mean by more than ``max(update_spike_z x std, log(update_spike_factor))``
-    (defaults z = 4, factor = 3): the z-score adapts the band to each layer's own noise
+    plain running mean/variance over the first samples; NaN values and samples of
+    non-finite or skipped steps are left out). After ``update_spike_warmup`` (5) samples,
+    a value is a jump when its log exceeds the mean by more than
+    ``max(update_spike_z x std, log(update_spike_factor))`` (defaults z = 4, factor = 3,
+    i.e. at least 3x the running level): the z-score adapts the band to each layer's own noise
     (a one-entry bias has a log-std of ~1, a large matrix ~0.05), the factor keeps
     quiet layers from firing on a meaningless 20% move. Updates of the statistics are
     winsorised to that band, so a spike barely moves them. One event per sample naming
@@ -793,8 +794,8 @@ class UpdateSpike(Detector):
         super().load_state_dict(state)
 
     def update(self, rows: IntervalRows) -> list[Event]:
-        if rows.optim is None or rows.bad[-1] or not len(self.names):
-            return []  # no sample, or one taken on a non-finite step
+        if rows.optim is None or rows.bad[-1] or rows.skipped[-1] or not len(self.names):
+            return []  # no sample, or one of a non-finite or skipped step (no update)
         x = rows.optim[[SIGNALS.index(s) for s in WATCHED_SIGNALS]]
         valid = torch.isfinite(x) & (x > 0)
         logx = torch.where(valid, x, 1.0).log()

@@ -90,18 +90,24 @@ def _real(x: Tensor) -> Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-def _rms(x: Tensor) -> Tensor:
-    return x.square().mean().sqrt()
-
-
 def _has_weight_decay(wd: Any) -> bool:
     # a tensor weight decay is taken as non-zero (comparing it would read it)
     return isinstance(wd, Tensor) or wd != 0
 
 
-def _prev_v_hat(v: Tensor, beta2: Any, step: Tensor) -> Tensor:
-    """Bias-corrected second moment of the previous step (NaN before the first)."""
-    return v / (1 - beta2 ** step)
+def _grad_v_rms(g: Tensor, v: Tensor, beta2: Any, step: Tensor, eps: Any) -> Tensor:
+    """rms(g / (sqrt(v_hat) + eps)) with the previous step's bias-corrected ``v``
+    (NaN before the first step: 0/0)."""
+    denom = v.div(1 - beta2 ** step).sqrt_().add_(eps)
+    return torch.linalg.vector_norm(denom.reciprocal_().mul_(g)) / math.sqrt(max(g.numel(), 1))
+
+
+def _moments(g: Tensor, m: Tensor, v: Tensor, beta1: Any, beta2: Any) -> tuple[Tensor, Tensor]:
+    """This step's raw moments, in new tensors (the optimizer's state is not touched)."""
+    m_t = m.lerp(g, 1 - beta1)
+    if isinstance(beta2, Tensor):
+        return m_t, v * beta2 + (1 - beta2) * g.square()
+    return m_t, v.mul(beta2).addcmul_(g, g, value=1 - beta2)
 
 
 def _adam(g: Tensor, theta: Tensor, st: Mapping[str, Any], group: Mapping[str, Any],
@@ -109,13 +115,14 @@ def _adam(g: Tensor, theta: Tensor, st: Mapping[str, Any], group: Mapping[str, A
     beta1, beta2 = group["betas"]
     eps = group["eps"]
     m, v = _real(st["exp_avg"]), _real(st["exp_avg_sq"])
-    ratio = _rms(g / (_prev_v_hat(v, beta2, step).sqrt() + eps))
+    ratio = _grad_v_rms(g, v, beta2, step, eps)
     t = step + 1
-    m_t = m.lerp(g, 1 - beta1)
-    v_t = v * beta2 + (1 - beta2) * g.square()
+    m_t, v_t = _moments(g, m, v, beta1, beta2)
     if group.get("amsgrad", False):
         v_t = torch.maximum(_real(st["max_exp_avg_sq"]), v_t)
-    direction = (m_t / (1 - beta1 ** t)) / (v_t.sqrt() / (1 - beta2 ** t).sqrt() + eps)
+    # in place on the new tensors: m_hat / (sqrt(v_t) / sqrt(bc2) + eps), as torch does
+    denom = v_t.sqrt_().div_((1 - beta2 ** t).sqrt()).add_(eps)
+    direction = m_t.div_(denom).div_(1 - beta1 ** t)
     return ratio, direction
 
 
@@ -124,13 +131,12 @@ def _nadam(g: Tensor, theta: Tensor, st: Mapping[str, Any], group: Mapping[str, 
     beta1, beta2 = group["betas"]
     eps, psi = group["eps"], group["momentum_decay"]
     m, v = _real(st["exp_avg"]), _real(st["exp_avg_sq"])
-    ratio = _rms(g / (_prev_v_hat(v, beta2, step).sqrt() + eps))
+    ratio = _grad_v_rms(g, v, beta2, step, eps)
     t = step + 1
     mu = beta1 * (1.0 - 0.5 * 0.96 ** (t * psi))
     mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * psi))
     mu_product = st["mu_product"] * mu
-    m_t = m.lerp(g, 1 - beta1)
-    v_t = v * beta2 + (1 - beta2) * g.square()
+    m_t, v_t = _moments(g, m, v, beta1, beta2)
     denom = (v_t / (1 - beta2 ** t)).sqrt() + eps
     direction = (g * ((1 - mu) / (1 - mu_product))
                  + m_t * (mu_next / (1 - mu_product * mu_next))) / denom
@@ -142,10 +148,9 @@ def _radam(g: Tensor, theta: Tensor, st: Mapping[str, Any], group: Mapping[str, 
     beta1, beta2 = group["betas"]
     eps = group["eps"]
     m, v = _real(st["exp_avg"]), _real(st["exp_avg_sq"])
-    ratio = _rms(g / (_prev_v_hat(v, beta2, step).sqrt() + eps))
+    ratio = _grad_v_rms(g, v, beta2, step, eps)
     t = step + 1
-    m_t = m.lerp(g, 1 - beta1)
-    v_t = v * beta2 + (1 - beta2) * g.square()
+    m_t, v_t = _moments(g, m, v, beta1, beta2)
     bc2 = 1 - beta2 ** t
     rho_inf = 2 / (1 - beta2) - 1
     rho_t = rho_inf - 2 * t * beta2 ** t / bc2
@@ -163,7 +168,8 @@ def _adamax(g: Tensor, theta: Tensor, st: Mapping[str, Any], group: Mapping[str,
     beta1, beta2 = group["betas"]
     eps = group["eps"]
     m, u = _real(st["exp_avg"]), _real(st["exp_inf"])
-    ratio = _rms(g / u)  # Adamax's denominator is its infinity norm u (eps inside)
+    # Adamax's denominator is its infinity norm u (eps inside)
+    ratio = torch.linalg.vector_norm(g / u) / math.sqrt(max(g.numel(), 1))
     t = step + 1
     m_t = m.lerp(g, 1 - beta1)
     u_t = torch.maximum(u * beta2, g.abs() + eps)
@@ -224,7 +230,7 @@ def tensor_signals(
     step = step.double() if step.device.type == "cpu" else step.float()
     ratio, direction = _RULES[family](g, theta, state, group, step)
     if decay and decoupled:
-        direction = direction + wd * theta
+        direction = direction.add_(wd * theta)
     # NaN before the first step (no second moment yet); an additive mask because the
     # step counter may be a CPU scalar while the values are on an accelerator
     ratio = ratio + torch.where(step > 0, 0.0, math.nan)
@@ -275,8 +281,8 @@ class OptimizerWatch:
         """Watch ``optimizer`` for the tensors of ``params`` it updates.
 
         Args:
-            optimizer: a torch optimizer; one that :func:`adam_family` does not know is
-                ignored.
+            optimizer: a torch optimizer, or a wrapper holding one as ``.optimizer``
+                (accelerate); one that :func:`adam_family` does not know is ignored.
             params: the guarded tensors, in the order of the monitor's columns.
 
         Returns:
@@ -293,6 +299,12 @@ class OptimizerWatch:
             raise ValueError(f"params must have {self.n} tensors (one per name), got "
                              f"{len(params)}")
         family = adam_family(optimizer)
+        # A wrapper that delegates to an inner optimizer (accelerate's AcceleratedOptimizer
+        # holds it as .optimizer): read the inner one's state and hyper-parameters.
+        inner = getattr(optimizer, "optimizer", None)
+        while family is None and isinstance(inner, torch.optim.Optimizer):
+            optimizer, family = inner, adam_family(inner)
+            inner = getattr(optimizer, "optimizer", None)
         if family is None:
             return 0
         where = {id(p): i for i, p in enumerate(params)}
