@@ -404,3 +404,46 @@ def test_detector_state_round_trip_and_old_state():
         Monitor(["a"], update_spike_factor=1.0)
     with pytest.raises(TypeError, match="update_spike_warmup"):
         Monitor(["a"], update_spike_warmup=1.5)
+
+
+# --------------------------------------------------------------------------------------
+# FSDP2: this rank's shard, no collective
+# --------------------------------------------------------------------------------------
+
+
+def _fsdp2_signals(rank, world):
+    from torch.distributed.fsdp import fully_shard
+
+    from gradguard.testing import CollectiveCounter
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Linear(8, 2))
+    fully_shard(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    params = list(model.parameters())
+    watch = OptimizerWatch(len(params))
+    watch.add(opt, params)
+    gen = torch.Generator().manual_seed(rank)
+    for _ in range(3):
+        model(torch.randn(4, 6, generator=gen)).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    model(torch.randn(4, 6, generator=gen)).square().sum().backward()
+    with CollectiveCounter() as counter:
+        sig = watch.compute(CPU)
+    # by hand, from the local shards
+    ref = []
+    for p in params:
+        g, v = p.grad.to_local(), opt.state[p]["exp_avg_sq"].to_local()
+        bc2 = 1 - 0.999 ** float(opt.state[p]["step"])
+        ref.append(float((g / ((v / bc2).sqrt() + 1e-8)).square().mean().sqrt()))
+    return counter.count, type(sig).__name__, sig[GV].tolist(), ref
+
+
+@pytest.mark.slow
+def test_fsdp2_signals_are_over_the_local_shard_without_collective():
+    from dist_utils import run_distributed
+
+    for count, kind, got, ref in run_distributed(_fsdp2_signals, 2):
+        assert count == 0 and kind == "Tensor"
+        assert got == pytest.approx(ref, rel=1e-5)

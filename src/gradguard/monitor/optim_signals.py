@@ -44,6 +44,9 @@ formulas of torch's classes; foreach, fused, capturable and differentiable varia
 the same state). Other optimizers are not watched. A tensor without a gradient, without
 optimizer state yet (before the first step), or with a zero weight norm gets NaN.
 
+Under FSDP2 (DTensor parameters and state) the values are over this rank's local shard:
+no collective, and the ranks' values may differ slightly.
+
 Every value is a device tensor: no host read (the step counts, learning rates and betas
 may be tensors and stay on their devices; CPU step counters enter as 0-d operands).
 
@@ -85,7 +88,14 @@ def adam_family(optimizer: Any) -> str | None:
 
 
 def _real(x: Tensor) -> Tensor:
-    """Real view of ``x``, in fp32 at least (float64 stays float64)."""
+    """This rank's real values of ``x``, in fp32 at least (float64 stays float64).
+
+    A DTensor (FSDP2) gives its local shard: the signals are then over this rank's shard,
+    with no collective (a norm of the DTensor itself would all-reduce, tensor by tensor).
+    """
+    to_local = getattr(x, "to_local", None)
+    if to_local is not None:
+        x = to_local()
     x = torch.view_as_real(x) if torch.is_complex(x) else x
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
@@ -135,7 +145,7 @@ def _nadam(g: Tensor, theta: Tensor, st: Mapping[str, Any], group: Mapping[str, 
     t = step + 1
     mu = beta1 * (1.0 - 0.5 * 0.96 ** (t * psi))
     mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * psi))
-    mu_product = st["mu_product"] * mu
+    mu_product = _real(st["mu_product"]) * mu
     m_t, v_t = _moments(g, m, v, beta1, beta2)
     denom = (v_t / (1 - beta2 ** t)).sqrt() + eps
     direction = (g * ((1 - mu) / (1 - mu_product))
@@ -218,6 +228,8 @@ def tensor_signals(
         g = -g
     theta = _real(param.detach())
     step = state["step"]
+    if hasattr(step, "to_local"):
+        step = step.to_local()
     if not isinstance(step, Tensor):
         step = torch.tensor(float(step))
     wd = group.get("weight_decay", 0)
