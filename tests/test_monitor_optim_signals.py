@@ -177,6 +177,26 @@ def test_monitor_samples_without_host_read_until_the_interval_transfer():
     assert "write_aux" not in frames
 
 
+def test_buffer_aux_rows_ride_the_same_read():
+    from gradguard.monitor.buffer import RingBuffer
+
+    buf = RingBuffer(4, rows=3, device="cpu")
+    buf.write(1, torch.tensor([1.0]), torch.tensor([2.0, 3.0, 4.0]))
+    buf.set_aux_rows(2)  # reallocated: the pending row is kept
+    assert buf.aux_rows == 2 and buf.shape == (3, 4) and buf.steps == [1]
+    buf.write(2, torch.tensor([5.0]), torch.tensor([6.0, 7.0, 8.0]))
+    buf.write_aux(torch.full((2, 1), math.nan), torch.arange(6.0).reshape(2, 3))
+    values, steps, aux = buf.read_with_aux()
+    assert values.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]] and steps == [1, 2]
+    assert aux[:, 1:].tolist() == [[0, 1, 2], [3, 4, 5]] and torch.isnan(aux[:, 0]).all()
+    buf.write(3, torch.tensor([9.0]), torch.zeros(3))
+    assert buf.read_with_aux()[2] is None  # not written since the last read
+    with pytest.raises(RuntimeError, match="aux_rows"):
+        RingBuffer(4, rows=3, device="cpu").write_aux(torch.zeros(1, 1), torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="aux_rows"):
+        buf.set_aux_rows(-1)
+
+
 class _Wrapper(torch.optim.Optimizer):
     """An optimizer wrapper as accelerate's AcceleratedOptimizer: the real one inside."""
 
