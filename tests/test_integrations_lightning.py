@@ -312,3 +312,29 @@ def test_import_gradguard_needs_no_framework() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+class LBFGSRegression(Regression):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.LBFGS(self.parameters(), lr=0.1, max_iter=4)
+
+
+class _BatchStarts(pl.Callback):
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.starts.append(len(pl_module.losses))
+
+
+def test_lbfgs_one_guard_step_per_update_first_evaluations_loss() -> None:
+    """LBFGS evaluates the closure several times per step: the Guard runs once, on the
+    first evaluation, and records that evaluation's loss (not the re-evaluations')."""
+    model, callback, starts = LBFGSRegression(), GuardCallback(clip=None, sinks=[]), \
+        _BatchStarts()
+    _trainer(3, [callback, starts]).fit(model, _data())
+    assert callback.guard.step_count == 3
+    assert len(model.losses) > 3 * 2  # LBFGS re-evaluated within each step
+    assert torch.isfinite(_params(model)).all()
+    first_of_last_step = model.losses[starts.starts[-1]]
+    assert callback.guard.last["loss"].item() == pytest.approx(first_of_last_step, rel=1e-6)
