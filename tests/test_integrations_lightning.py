@@ -338,3 +338,34 @@ def test_lbfgs_one_guard_step_per_update_first_evaluations_loss() -> None:
     assert torch.isfinite(_params(model)).all()
     first_of_last_step = model.losses[starts.starts[-1]]
     assert callback.guard.last["loss"].item() == pytest.approx(first_of_last_step, rel=1e-6)
+
+
+class HoldLROnSkip(Regression):
+    """The recipe of the module's docstring: a step-interval scheduler held on skips."""
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.01)
+        decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 ** step)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": decay, "interval": "step"}}
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        guard = next(c.guard for c in self.trainer.callbacks if isinstance(c, GuardCallback))
+        if not guard.last_step_skipped:
+            scheduler.step()
+
+
+class _LearningRates(pl.Callback):
+    def __init__(self) -> None:
+        self.rates: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_recipe_holds_the_learning_rate_on_a_skipped_step() -> None:
+    rates = _LearningRates()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no scheduler-order warning either
+        _trainer(5, [GuardCallback(sinks=[]), rates]).fit(HoldLROnSkip(nan_at=(0, 2)), _data())
+    # steps 0 and 2 skipped: the LR halves only after steps 1, 3 (and 4)
+    assert rates.rates == [0.01, 0.01, 0.005, 0.005, 0.0025]

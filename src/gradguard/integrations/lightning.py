@@ -4,9 +4,10 @@
 
     from gradguard.integrations.lightning import GuardCallback
 
-    trainer = L.Trainer(max_steps=1000, callbacks=[GuardCallback(clip="auto")])
+    guard_callback = GuardCallback(clip="auto")
+    trainer = L.Trainer(max_steps=1000, callbacks=[guard_callback])
     trainer.fit(model)
-    trainer.callbacks[0].guard.stats()      # or keep a reference to the callback
+    guard_callback.guard.stats()    # {'steps': 1000, 'clipped': ..., 'skipped': ...}
 
 What the callback does, and where in Lightning's loop:
 
@@ -35,7 +36,8 @@ Skipped steps follow Lightning's convention for steps that AMP's GradScaler skip
 skipped step, override ``LightningModule.lr_scheduler_step``::
 
     def lr_scheduler_step(self, scheduler, metric):
-        if not self.trainer.callbacks[0].guard.last_step_skipped:
+        guard = next(c.guard for c in self.trainer.callbacks if isinstance(c, GuardCallback))
+        if not guard.last_step_skipped:
             scheduler.step()
 
 ``Trainer(gradient_clip_val=...)`` is refused: Lightning clips inside the optimizer
