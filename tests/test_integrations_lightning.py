@@ -263,19 +263,31 @@ class _Report(pl.Callback):
         path.write_text(json.dumps(report))
 
 
-@pytest.mark.timeout(180)
-def test_ddp_one_rank_nan_every_rank_skips(tmp_path) -> None:
-    callback = GuardCallback(sinks=[])
-    trainer = _trainer(5, [callback, _PoisonRankOne(), _Report(callback, tmp_path)],
+def _ddp_fit(folder, **guard_kwargs) -> list[dict]:
+    callback = GuardCallback(sinks=[], **guard_kwargs)
+    trainer = _trainer(5, [callback, _PoisonRankOne(), _Report(callback, folder)],
                        devices=2, strategy="ddp_fork")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(Regression(lr=0.01), _data())
-    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return [json.loads((folder / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.timeout(180)
+def test_ddp_one_rank_nan_every_rank_skips(tmp_path) -> None:
+    reports = _ddp_fit(tmp_path)
     for report in reports:
         assert report["stats"]["skipped"] == 1 and report["stats"]["steps"] == 5
         assert all(math.isfinite(v) for v in report["params"])
     assert reports[0]["params"] == reports[1]["params"]
+
+
+@pytest.mark.timeout(180)
+def test_ddp_control_ranks_part_without_the_guards_sync(tmp_path) -> None:
+    """The control of the test above: each rank on its own, only rank 1 skips."""
+    reports = _ddp_fit(tmp_path, sync_group=False)
+    assert [r["stats"]["skipped"] for r in reports] == [0, 1]
+    assert reports[0]["params"] != reports[1]["params"]
 
 
 def test_import_error_names_the_extra(monkeypatch) -> None:
