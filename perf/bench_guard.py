@@ -15,7 +15,9 @@ Two tables:
    over 200 steps starting at step 200 and at step 20,000.
 
 Every Guard is attached to an SGD optimizer (never stepped), so ``auto`` runs with its
-learning-rate-aware cap and its parameter-norm refresh every 100 steps.
+learning-rate-aware cap and its parameter-norm refresh every 100 steps; ``auto`` is timed
+a second time attached to AdamW (row "auto, AdamW"), where it runs its rule for Adam-family
+optimizers (the optimizer is read each step; no parameter norm).
 """
 
 from __future__ import annotations
@@ -34,12 +36,17 @@ from common import gpt2_small_shapes, interleaved_medians, make_params
 import gradguard as gg
 
 POLICIES = ["fixed:1.0", "autoclip", "zclip", "adagc", "agc", "auto", None]
+#: (label, policy, optimizer) of every timed Guard: each policy with SGD, and auto with AdamW
+CASES = [(str(c), c, "sgd") for c in POLICIES] + [("auto, AdamW", "auto", "adamw")]
 
 
-def _guard(params, clip) -> gg.Guard:
-    # Attached to an SGD optimizer so that clip="auto" has its learning-rate-aware cap
-    # (the benchmark calls guard.step() itself and never steps the optimizer).
+def _guard(params, clip, optimizer: str = "sgd") -> gg.Guard:
+    # Attached to an SGD optimizer so that clip="auto" has its learning-rate-aware cap, or
+    # to AdamW for its Adam-family rule (the benchmark calls guard.step() itself and never
+    # steps the optimizer).
     guard = gg.Guard(params, clip=clip, sinks=[], log_every=100)
+    if optimizer == "adamw":
+        return guard.attach(torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95)))
     return guard.attach(torch.optim.SGD(params, lr=1e-3, momentum=0.9))
 
 
@@ -51,7 +58,7 @@ def gpt2_table(repeats: int, warmup_steps: int = 30) -> list[tuple[str, float, f
     def restore() -> None:
         torch._foreach_copy_(grads, saved)
 
-    guards = {str(c): _guard(params, c) for c in POLICIES}
+    guards = {label: _guard(params, c, opt) for label, c, opt in CASES}
     for guard in guards.values():  # past every warm-up that matters for the cost
         for _ in range(warmup_steps):
             restore()
@@ -83,10 +90,10 @@ def long_run_table(long_steps: int, window: int = 200) -> list[tuple[str, float,
     """Every policy (and torch's clip as the control) steps in lockstep on its own copy of
     the parameters, so a slow stretch of the machine hits them all in the same window."""
     shapes = [tuple(max(1, d // 32) for d in s) for s in gpt2_small_shapes()]
-    names = ["torch clip_grad_norm_"] + [str(c) for c in POLICIES]
+    names = ["torch clip_grad_norm_"] + [label for label, _, _ in CASES]
     copies = [make_params(shapes) for _ in names]
     steps = [lambda ps=copies[0]: torch.nn.utils.clip_grad_norm_(ps, 1.0, foreach=True)]
-    steps += [_guard(ps, c).step for ps, c in zip(copies[1:], POLICIES, strict=True)]
+    steps += [_guard(ps, c, opt).step for ps, (_, c, opt) in zip(copies[1:], CASES, strict=True)]
     gen = torch.Generator().manual_seed(0)
     pool = _gradient_pool(copies[0], gen)
     times = {name: {200: [], long_steps: []} for name in names}
