@@ -380,3 +380,31 @@ def test_observe_loss_rejects_a_bad_or_mixed_reduction():
     guard.observe_loss(1.0)
     with pytest.raises(ValueError, match="reduction='sum'"):
         guard.observe_loss(1.0, reduction="sum")
+
+
+@pytest.mark.parametrize("make_opt, watched", [
+    (lambda p: torch.optim.AdamW(p, lr=1e-2), True),
+    (lambda p: torch.optim.SGD(p, lr=1e-2), False),
+])
+def test_attach_watches_an_adam_family_optimizer_for_the_monitor(make_opt, watched):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = make_opt(model.parameters())
+    records = []
+    guard = gg.Guard(model, clip=1.0, log_every=3,
+                     sinks=[lambda kind, payload: kind == "record" and records.append(payload)])
+    guard.attach(opt)
+    assert guard.monitor.watches_optimizer is watched
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    for _ in range(6):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    guard.close()
+    assert len(records) == 2
+    if watched:  # sampled at each interval's last step; Adam has state from step 2 on
+        assert [r["optim_step"] for r in records] == [3, 6]
+        ratios = records[1]["layer_update_ratio"]
+        assert len(ratios) == len(guard.names) and all(0 < v < 1 for v in ratios)
+    else:
+        assert "optim_step" not in records[0]

@@ -258,6 +258,8 @@ class Guard:
             remedies.bind(RemedyContext(stats=self.stats, monitored=self.monitor is not None))
             if isinstance(model_or_params, torch.optim.Optimizer):  # its state rolls back too
                 self._state_optimizers.append(model_or_params)
+        if self.monitor is not None and isinstance(model_or_params, torch.optim.Optimizer):
+            self.monitor.watch_optimizer(model_or_params, self.params)  # Guard(opt): step() by hand
 
     def _build_monitor(self, sinks: Any, log_every: int,
                        monitor_options: Mapping[str, Any] | None) -> Monitor:
@@ -379,6 +381,8 @@ class Guard:
         # A bound method, as torch's LR schedulers expect (they wrap ``step.__func__``).
         optimizer.step = types.MethodType(step, optimizer)  # type: ignore[method-assign]
         self._attached.append((weakref.ref(optimizer), original))
+        if self.monitor is not None:  # Adam-family optimizers: per-layer signals at intervals
+            self.monitor.watch_optimizer(optimizer, self.params)
         if self.remedies is not None and optimizer not in self._state_optimizers:
             self._state_optimizers.append(optimizer)
         self._update_fused()
