@@ -8,14 +8,16 @@ The policies, one per module, all built on :mod:`gradguard.policies.base`:
 * :class:`ZClip` -- EMA mean/variance of the norm and a z-score rule (Kumar et al. 2025).
 * :class:`AdaGC` -- per-tensor thresholds from each tensor's own EMA (Wang et al. 2025).
 * :class:`AGC` -- unit-wise, relative to the parameter norms (Brock et al. 2021).
-* :class:`Auto` -- gradguard's default, tuned on the stability benchmark.
+* :class:`Auto` -- gradguard's default: a trust cap and a spike cap with SGD-type
+  optimizers; a clip at the typical norm, ramped in, and a drop of spikes with Adam-family
+  ones (measured on the stability benchmark's SGD and Transformer tasks).
 
 Use :func:`make_policy` to build one from a name or a float.
 """
 
 from gradguard.policies.adagc import AdaGC
 from gradguard.policies.agc import AGC
-from gradguard.policies.auto import Auto, sgd_effective_lr
+from gradguard.policies.auto import Auto, second_moment_decay, sgd_effective_lr
 from gradguard.policies.autoclip import AutoClip
 from gradguard.policies.base import GRANULARITIES, StepNorms, ThresholdPolicy
 from gradguard.policies.fixed import Fixed
@@ -34,5 +36,6 @@ __all__ = [
     "ThresholdPolicy",
     "ZClip",
     "make_policy",
+    "second_moment_decay",
     "sgd_effective_lr",
 ]
