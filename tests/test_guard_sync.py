@@ -915,6 +915,9 @@ def _regression_scenarios(rank, world):
 
 
 def _rank_one_dies(rank, world):
+    import torch.distributed as dist
+
+    dist.barrier()  # both ranks done connecting: rank 0 must not fail first, in its set-up
     if rank == 1:
         os._exit(3)  # no result, no traceback: as a crash or the OOM killer leaves it
     return rank
