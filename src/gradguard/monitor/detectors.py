@@ -49,9 +49,10 @@ constructor arguments, validated there.
     turns the learning rate down). Emitted when the rate crosses the threshold and
     re-armed once an interval falls below half of it, so a run that clips steadily gets
     one event, not one per interval. Its advice depends on the clip policy (``policy``):
-    for a fixed threshold, raise it or let it adapt; for ``"auto"``, the trust cap binds
-    at this learning rate (expected when it is high); AutoClip, AdaGC and AGC clip most
-    steps by design. Disable it (None) for policies that clip most steps by design.
+    for a fixed threshold, raise it or let it adapt; for ``"auto"``, its trust cap binds
+    at this learning rate (SGD-type optimizers; expected when it is high) or its
+    Adam-family rule clips at the typical norm by design; AutoClip, AdaGC and AGC clip
+    most steps by design. Disable it (None) for policies that clip most steps by design.
 
 ``update_spike`` (:class:`UpdateSpike`)
     With an Adam-family optimizer watched, the monitor samples two per-layer signals at
@@ -630,10 +631,14 @@ CLIP_RATE_ADVICE: dict[str | None, str] = {
         "(clip='auto'), or lower the learning rate."
     ),
     "auto": (
-        "with clip='auto' this is its trust cap binding: at this learning rate an unclipped "
-        "SGD step would move the parameters by more than rho (default 0.2%) of their norm, "
-        "so the Guard caps the step size instead. Expected at a high learning rate and "
-        "harmless while the loss falls; to clip less, lower the learning rate."
+        "with clip='auto' and an SGD-type optimizer this is its trust cap binding: at this "
+        "learning rate an unclipped SGD step would move the parameters by more than rho "
+        "(default 0.2%) of their norm, so the Guard caps the step size instead. Expected at "
+        "a high learning rate and harmless while the loss falls; to clip less, lower the "
+        "learning rate. With an Adam-family optimizer clip='auto' clips at the running "
+        "typical norm (ramped in over the first 2 / (1 - beta2) steps), so a quarter or "
+        "more of the steps are clipped by design, most of them early in training and "
+        "while the norm rises; harmless while the loss falls."
     ),
     "zclip": (
         "ZClip clips norms more than z_thresh standard deviations above its running mean, "
