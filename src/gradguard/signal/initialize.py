@@ -27,20 +27,10 @@ Gradients neither explode nor vanish with depth iff ``chi_1 = 1``. Per activatio
   runs away. These layers get the variance-preserving gain ``g = 1 / sqrt(E[phi(z)^2])``,
   and with ``data`` each layer's pre-activation second moment is pinned to 1 on the batch.
 
-Gains computed numerically by :func:`activation_gain` (Gauss–Legendre quadrature, 20
-panels of 24 nodes on [-10, 10] plus the kinks; no random numbers), at ``q = 1``:
-
-=============  ============  ==============  ==================  ==========================
-activation     E[phi(z)^2]   variance gain   chi_1 at that gain  slope of q-map (stable<1)
-=============  ============  ==============  ==================  ==========================
-relu           0.5000        1.4142 (He)     1.0000              1.0000 (neutral)
-tanh           0.3943        1.5925 (~5/3)   1.1778 (chaotic)    0.4611
-sigmoid        0.2934        1.8462          0.1528              0.1063
-gelu           0.4252        1.5335          1.0720              1.1441 (unstable)
-silu           0.3558        1.6765          1.0666              1.1726 (unstable)
-
-Gains per activation (a table) are in :mod:`gradguard.signal.activations`; the rule of
-each layer type in :mod:`gradguard.signal.planner`.
+Gains are computed numerically by :func:`activation_gain` (Gauss–Legendre quadrature, no
+random numbers); the table of gains per activation is in
+:mod:`gradguard.signal.activations`, the rule of each layer type in
+:mod:`gradguard.signal.planner`.
 
 
 Residual networks: the stream's variance grows by ``1 + Var(branch)/Var(stream)`` per
