@@ -110,10 +110,11 @@ def _adamw(beta2: float = 0.95) -> torch.optim.Optimizer:
 
 def reference_adaptive(norms: list[float], beta2: float, *, typical_factor: float = 1.0,
                        spike_factor: float = 5.0, warmup_steps: int = 20,
-                       drop_spikes: bool = True) -> list[tuple[float, float]]:
+                       drop_spikes: bool = True,
+                       max_ramp_steps: int = 100) -> list[tuple[float, float]]:
     """The rule of the class docstring, one step at a time in Python floats: (coef,
     threshold) per step; ``(nan, threshold)`` for a non-finite step (the Guard skips it)."""
-    horizon = 2.0 / (1.0 - beta2)
+    horizon = min(2.0 / (1.0 - beta2), max_ramp_steps)
     log_ema, count, out = 0.0, 0, []
     for g in norms:
         finite = math.isfinite(g)
@@ -147,6 +148,7 @@ def _run_adaptive(policy: Auto, norms: list[float], optimizers) -> list[tuple[fl
     (lambda: _adamw(0.95), 0.95),
     (lambda: torch.optim.Adam([torch.nn.Parameter(torch.ones(2))], betas=(0.9, 0.9)), 0.9),
     (lambda: torch.optim.RMSprop([torch.nn.Parameter(torch.ones(2))], alpha=0.8), 0.8),
+    (lambda: _adamw(0.999), 0.999),  # torch's default: the ramp stops at max_ramp_steps
 ])
 @pytest.mark.parametrize("drop_spikes", [True, False])
 def test_adaptive_rule_matches_the_reference(make_opt, beta2, drop_spikes):
@@ -160,7 +162,7 @@ def test_adaptive_rule_matches_the_reference(make_opt, beta2, drop_spikes):
         if math.isfinite(norms[t]):
             assert c == pytest.approx(rc, rel=1e-5, abs=1e-7), t
     coefs = [c for c, _ in want]
-    assert coefs[0] == pytest.approx(1.0 / (2.0 / (1.0 - beta2)), rel=1e-5)  # ramped in
+    assert coefs[0] == pytest.approx(1.0 / min(2.0 / (1.0 - beta2), 100), rel=1e-5)  # ramped
     assert (0.0 in coefs) == drop_spikes  # spikes dropped, or clipped to the typical norm
 
 
