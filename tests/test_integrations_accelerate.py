@@ -144,3 +144,25 @@ def test_deepspeed_wrapper_is_refused():
     model = torch.nn.Linear(2, 1)
     with pytest.raises(TypeError, match="DeepSpeed"):
         gg.Guard(model, sinks=[]).attach(DeepSpeedOptimizerWrapper(model.parameters(), lr=0.1))
+
+
+def test_auto_reads_the_optimizer_inside_the_accelerate_wrapper(fresh_state):
+    """clip='auto' picks its rule from the AdamW that accelerate wraps (the HF Trainer's
+    case): the Adam-family ramp clips the first steps, exactly as on the bare AdamW."""
+    acc = accelerate.Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95))
+    model, opt = acc.prepare(model, opt)
+    assert isinstance(opt, AcceleratedOptimizer)
+    guard = gg.Guard(model, clip="auto", sinks=[]).attach(opt)
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    thresholds = []
+    for _ in range(5):
+        opt.zero_grad()
+        acc.backward((model(x) - y).pow(2).mean())
+        opt.step()
+        thresholds.append(guard.last["threshold"].item())
+    assert guard.stats()["clipped"] == 5  # the ramp: threshold (n + 1) / 40 x typical
+    assert thresholds[0] < guard.last["pre_norm"].item()
+    assert all(math.isfinite(t) for t in thresholds)

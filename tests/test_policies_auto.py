@@ -245,3 +245,30 @@ def test_auto_validates_its_adaptive_arguments():
         Auto(typical_factor=0.0)
     with pytest.raises(TypeError, match="drop_spikes"):
         Auto(drop_spikes=1)
+
+
+class _Wrapper(torch.optim.Optimizer):
+    """Like accelerate's AcceleratedOptimizer: an Optimizer that keeps the real one."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        self.defaults = optimizer.defaults
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+
+def test_a_wrapped_optimizer_is_read_through_its_inner_one():
+    from gradguard.policies.auto import second_moment_decay, sgd_effective_lr, unwrap_optimizer
+
+    adamw = _adamw(0.95)
+    sgd = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1, momentum=0.9)
+    assert unwrap_optimizer(_Wrapper(_Wrapper(adamw))) is adamw
+    assert unwrap_optimizer(adamw) is adamw
+    assert second_moment_decay([_Wrapper(adamw)]) == pytest.approx(0.95)
+    assert sgd_effective_lr([_Wrapper(sgd)]) == pytest.approx(1.0)
+    # the Adam-family rule, exactly as with the bare optimizer
+    norms = norm_sequence(30, seed=1, start=2.0, end=1.0, spikes=0, first_spike=10)
+    assert _run_adaptive(Auto(), norms, [_Wrapper(_adamw(0.95))]) == \
+        _run_adaptive(Auto(), norms, [_adamw(0.95)])
