@@ -60,8 +60,8 @@ from gradguard.bench.taskbase import (
     seeded_generator,
 )
 
-__all__ = ["GPT", "GPTFaults", "GPTModel", "bf16_linear", "cosine_schedule", "pydoc_text",
-           "to_bf16"]
+__all__ = ["GPT", "GPTFaults", "GPTModel", "NextCharacterTask", "bf16_linear",
+           "cosine_schedule", "pydoc_text", "to_bf16"]
 
 _TEXT: dict[str, Any] = {}
 _VALIDATION: dict[tuple[int, int], dict[str, Any]] = {}
@@ -231,7 +231,26 @@ class GPTFaults(Faults):
             self.history.append(norm)
 
 
-class GPT(Task):
+class NextCharacterTask(Task):
+    """What the character-level language-model tasks share: next-character cross-entropy
+    on ``(inputs, targets)`` windows, and the validation loss (nats per character) on the
+    ``val_windows`` of :meth:`~gradguard.bench.taskbase.Task.data` as the metric."""
+
+    def loss(self, model: nn.Module, batch: Batch) -> Tensor:
+        x, y = batch
+        logits = model(x)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> tuple[float, float]:
+        w = self.data()["val_windows"]
+        model.eval()
+        loss = float(self.loss(model, (w[:, :-1], w[:, 1:])))
+        model.train()
+        return loss, loss
+
+
+class GPT(NextCharacterTask):
     """A 2-block GPT character model on ``pydoc_data.topics`` with AdamW; variants
     ``preln``, ``postln``, ``corrupt`` and ``bf16`` (see :mod:`gradguard.bench.gpt`).
 
@@ -348,19 +367,6 @@ class GPT(Task):
         return GPTFaults(frozenset(pick), spikes=spikes, nan_steps=nan_steps,
                          vocab=self.data()["vocab_size"],
                          gen=seeded_generator(seed + FAULT_STREAM + 1))
-
-    def loss(self, model: nn.Module, batch: Batch) -> Tensor:
-        x, y = batch
-        logits = model(x)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> tuple[float, float]:
-        w = self.data()["val_windows"]
-        model.eval()
-        loss = float(self.loss(model, (w[:, :-1], w[:, 1:])))
-        model.train()
-        return loss, loss
 
     def describe(self) -> dict[str, Any]:
         out = super().describe()

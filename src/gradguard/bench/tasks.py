@@ -68,7 +68,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from gradguard.bench.gpt import GPT, pydoc_text
+from gradguard.bench.gpt import GPT, NextCharacterTask, pydoc_text
 from gradguard.bench.taskbase import (
     DATA_SEED,
     DEFAULT_STEPS,
@@ -500,7 +500,7 @@ class _PostLNCharLM(nn.Module):
         return self.head(h)
 
 
-class CharLMPostLN(Task):
+class CharLMPostLN(NextCharacterTask):
     """A 4-layer Post-LN Transformer (d = 64, 4 heads, FFN 256, context 64, no dropout)
     predicting the next character of the text of ``pydoc_data.topics``; Adam (betas 0.9,
     0.999) at a constant learning rate, no warm-up; batch 4 windows; metric: validation
@@ -583,19 +583,6 @@ class CharLMPostLN(Task):
             return w[:, :-1], w[:, 1:]
 
         return sample
-
-    def loss(self, model: nn.Module, batch: Batch) -> Tensor:
-        x, y = batch
-        logits = model(x)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> tuple[float, float]:
-        w = self.data()["val_windows"]
-        model.eval()
-        loss = float(self.loss(model, (w[:, :-1], w[:, 1:])))
-        model.train()
-        return loss, loss
 
 
 # ======================================================================================
