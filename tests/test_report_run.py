@@ -196,3 +196,11 @@ def test_a_log_whose_losses_were_all_non_finite(tmp_path: Path) -> None:
     page = render_run_report(run)
     assert "Every one of the 10 losses given to the Guard was NaN or infinite" in page
     assert "call guard.observe_loss" not in page
+
+
+def test_an_update_spike_is_the_first_problem_before_a_later_spike(tmp_path: Path) -> None:
+    log = RunLog(meta=_meta(["w"]), records=[record(1, 10, [1.0]), record(11, 10, [1.0])],
+                 events=[Event(7, "update_spike", "update of w jumped 9x", ["w"]),
+                         Event(15, "spike", "gradient spike", ["w"])])
+    s = summarize_run(log)
+    assert s["first_problem"]["step"] == 7 and s["first_problem"]["kind"] == "update_spike"

@@ -55,8 +55,10 @@ MAX_POINTS = 2000
 #: At most this many rows in the event table (errors are kept first).
 MAX_EVENT_ROWS = 1000
 #: Event kinds that mark a problem (the "first problem step"); ``high_clip_rate`` is a
-#: tuning hint and the ``lr_*`` kinds are remedies doing their job.
-PROBLEM_KINDS = frozenset({"spike", "nonfinite", "skip", "rollback", "abort", "vanishing"})
+#: tuning hint and the ``lr_*`` kinds are remedies doing their job. ``update_spike`` (an
+#: Adam update jumping above its history) counts: it tends to come before a loss spike.
+PROBLEM_KINDS = frozenset({"spike", "nonfinite", "skip", "rollback", "abort", "vanishing",
+                           "update_spike"})
 _SEV_RANK = {"error": 0, "warning": 1, "info": 2}
 
 
