@@ -260,7 +260,8 @@ class _Wrapper(torch.optim.Optimizer):
 
 
 def test_a_wrapped_optimizer_is_read_through_its_inner_one():
-    from gradguard.policies.auto import second_moment_decay, sgd_effective_lr, unwrap_optimizer
+    from gradguard._optimizers import unwrap_optimizer
+    from gradguard.policies.auto import second_moment_decay, sgd_effective_lr
 
     adamw = _adamw(0.95)
     sgd = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1, momentum=0.9)

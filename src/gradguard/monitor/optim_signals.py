@@ -70,6 +70,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gradguard._optimizers import unwrap_optimizer
+
 __all__ = ["SIGNALS", "OptimizerWatch", "adam_family", "tensor_signals"]
 
 #: The rows an :class:`OptimizerWatch` computes, one value per guarded tensor each.
@@ -310,13 +312,9 @@ class OptimizerWatch:
         if len(params) != self.n:
             raise ValueError(f"params must have {self.n} tensors (one per name), got "
                              f"{len(params)}")
+        # accelerate's wrapper: read the inner optimizer's state and hyper-parameters
+        optimizer = unwrap_optimizer(optimizer)
         family = adam_family(optimizer)
-        # A wrapper that delegates to an inner optimizer (accelerate's AcceleratedOptimizer
-        # holds it as .optimizer): read the inner one's state and hyper-parameters.
-        inner = getattr(optimizer, "optimizer", None)
-        while family is None and isinstance(inner, torch.optim.Optimizer):
-            optimizer, family = inner, adam_family(inner)
-            inner = getattr(optimizer, "optimizer", None)
         if family is None:
             return 0
         where = {id(p): i for i, p in enumerate(params)}

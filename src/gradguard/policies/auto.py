@@ -11,33 +11,19 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from gradguard._optimizers import unwrap_optimizer
 from gradguard._validation import check_fraction, check_int, check_threshold
 from gradguard.engine.norms import TensorGroups
 from gradguard.engine.scaling import clip_coefficient
 from gradguard.policies.base import StepNorms, ThresholdPolicy
 
-__all__ = ["ADAPTIVE_OPTIMIZERS", "Auto", "second_moment_decay", "sgd_effective_lr",
-           "unwrap_optimizer"]
+__all__ = ["ADAPTIVE_OPTIMIZERS", "Auto", "second_moment_decay", "sgd_effective_lr"]
 
 #: The optimizers whose update is normalised by a running second moment with a decay rate
 #: (``betas[1]``; RMSprop's ``alpha``): :class:`Auto` uses its adaptive rule with them.
 ADAPTIVE_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
     torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam, torch.optim.RAdam,
     torch.optim.Adamax, torch.optim.RMSprop)
-
-
-def unwrap_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """The optimizer that does the update: a wrapper that keeps it as ``.optimizer``
-    (accelerate's ``AcceleratedOptimizer``, which the Hugging Face ``Trainer`` and
-    ``accelerator.prepare`` hand out) is looked through, so that ``auto`` picks its rule
-    from the real optimizer's type and hyperparameters."""
-    seen = 0
-    while seen < 8 and not isinstance(optimizer, (torch.optim.SGD, *ADAPTIVE_OPTIMIZERS)):
-        inner = getattr(optimizer, "optimizer", None)
-        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
-            break
-        optimizer, seen = inner, seen + 1
-    return optimizer
 
 
 def sgd_effective_lr(optimizers: Sequence[torch.optim.Optimizer]) -> float | None:
