@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
+from collections.abc import Callable
 
-__all__ = ["CLIError", "missing_extra", "positive_float", "positive_int", "require_extra"]
+__all__ = ["CLIError", "finite_above", "missing_extra", "positive_float", "positive_int",
+           "require_extra"]
 
 #: The distribution that provides each optional module, and the extra that installs it.
 EXTRAS: dict[str, tuple[str, str]] = {
@@ -86,16 +88,26 @@ def positive_int(text: str) -> int:
     return value
 
 
-def positive_float(text: str) -> float:
-    """An argparse ``type``: a finite number ``> 0``.
+def finite_above(bound: float) -> Callable[[str], float]:
+    """An argparse ``type`` factory: a finite number ``> bound``.
 
-    Raises:
-        argparse.ArgumentTypeError: naming the value (argparse adds the option).
+    Returns:
+        A callable that parses its text or raises :class:`argparse.ArgumentTypeError`
+        naming the value (argparse adds the option).
     """
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return value
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value > bound):
+            raise argparse.ArgumentTypeError(
+                f"expected a finite number > {bound:g}, got {text!r}")
+        return value
+
+    return parse
+
+
+#: An argparse ``type``: a finite number ``> 0``.
+positive_float = finite_above(0.0)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 from torch import nn
 
 from gradguard._paths import output_file
-from gradguard.cli.checks import CLIError, positive_int
+from gradguard.cli.checks import CLIError, finite_above, positive_int
 from gradguard.signal.inputs import Call, as_batches
 from gradguard.signal.probe import probe
 
@@ -60,7 +59,7 @@ def cli_arguments(parser: argparse.ArgumentParser) -> None:
                         help="batches to average (default: %(default)s)")
     parser.add_argument("--eval", action="store_true",
                         help="probe in eval mode (default: training mode)")
-    parser.add_argument("--tolerance", type=_tolerance, default=20.0,
+    parser.add_argument("--tolerance", type=finite_above(1.0), default=20.0,
                         help="the verdict's band factor: a gain outside [1/T, T] is exploding "
                              "or vanishing (> 1; default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0,
@@ -74,14 +73,6 @@ def cli_arguments(parser: argparse.ArgumentParser) -> None:
                              "the fixed state_dict to OUT.pt (default: no fix)")
 
 
-def _tolerance(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 1):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 1, got {text!r}")
-    return value
 
 
 def load_factory(target: str) -> Callable[[], nn.Module]:
