@@ -1,12 +1,12 @@
 """gpt:corrupt with an oracle that skips every faulty step whole (no update, no state
-change): the least a method that discards the faults can lose against the clean run.
+change): what discarding exactly the faulty steps costs against the clean run.
 
-Usage:  python results/transformer/oracle_skip.py none,guard:auto > oracle.jsonl
+Usage:  python results/transformer/oracle_skip.py none,guard:auto [SEEDS] > oracle.jsonl
 
 Prints one JSON line per run (task, method, lr, seed, score, diverged) over the
-transformer grid (learning rates 1e-3 ... 0.1, seeds 0-2); compare each with the same
-method's ``gpt:preln`` run in ``results/transformer/results.json`` (same seed: same
-initialisation and clean batches).
+transformer grid (learning rates 1e-3 ... 0.1; SEEDS a comma list, default 0,1,2).
+``corrupt_gap.py`` compares each with the same method's ``gpt:preln`` run (same seed:
+same initialisation and clean batches).
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ def _one(job: tuple[str, float, int]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    jobs = [(m, lr, s) for m in sys.argv[1].split(",") for lr in LRS for s in SEEDS]
+    seeds = [int(s) for s in sys.argv[2].split(",")] if len(sys.argv) > 2 else SEEDS
+    jobs = [(m, lr, s) for m in sys.argv[1].split(",") for lr in LRS for s in seeds]
     with Pool(2) as pool:
         for result in pool.imap_unordered(_one, jobs):
             print(json.dumps(result), flush=True)
