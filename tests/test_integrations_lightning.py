@@ -168,6 +168,28 @@ def test_nan_batch_skipped_fit_finishes_and_the_skip_is_logged() -> None:
     last = ours[-1][1]
     assert math.isfinite(last["gradguard/grad_norm"])
     assert last["gradguard/loss"] == pytest.approx(sum(model.losses[25:]) / 5, rel=1e-6)
+    # SGD has no second moment: no Adam-signal keys (not NaN columns)
+    assert not [k for _, m in ours for k in m if "update_ratio" in k or "grad_v_rms" in k]
+
+
+class AdamRegression(Regression):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=0.01)
+
+
+def test_adam_signals_reach_the_logger() -> None:
+    records: list[dict] = []
+    model, logger = AdamRegression(), Captured()
+    callback = GuardCallback(log_every=5, sinks=[lambda kind, payload: records.append(payload)
+                                               if kind == "record" else None])
+    _trainer(N_BATCHES, [callback], logger=logger).fit(model, _data())
+    ours = [m for _, m in logger.calls if any(k.startswith("gradguard/") for k in m)]
+    assert len(ours) == len(records) == N_BATCHES // 5
+    for metrics, record in zip(ours, records, strict=True):
+        for key in ("update_ratio_max", "update_ratio_median", "grad_v_rms_max",
+                    "grad_v_rms_median"):
+            assert metrics[f"gradguard/{key}"] == pytest.approx(record[key], rel=1e-12)
+            assert 0 < metrics[f"gradguard/{key}"] < math.inf
 
 
 def test_gradient_clip_val_refused_by_name() -> None:

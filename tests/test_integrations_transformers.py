@@ -117,6 +117,15 @@ def test_default_arguments_nan_step_skipped_true_norm_in_log_history(tmp_path) -
         # HF measures the same gradients with its clipping off: the true norm, not 1.0
         assert entry["gradguard/grad_norm"] == pytest.approx(entry["grad_norm"], rel=1e-5)
         assert entry["gradguard/grad_norm"] > 1.5
+    # AdamW's signals, at every logged step that had Adam state and a finite gradient
+    adam = [entry["step"] for entry in logs if "gradguard/update_ratio_max" in entry]
+    assert adam == [2, 4, 5, 6]  # step 1: no second moment yet; step 3: the NaN step
+    for entry in logs:
+        if entry["step"] in adam:
+            assert 0 < entry["gradguard/update_ratio_median"] <= entry[
+                "gradguard/update_ratio_max"] < math.inf
+            assert 0 < entry["gradguard/grad_v_rms_median"] <= entry[
+                "gradguard/grad_v_rms_max"] < math.inf
     # the keys reach callbacks registered before the GuardCallback (reporters)
     seen = [keys for keys in reporter.seen if keys]  # the final summary log has none
     assert [keys["gradguard/skipped"] for keys in seen] == [0, 0, 1, 1, 1, 1]

@@ -27,6 +27,20 @@ The keys:
 ``gradguard/nonfinite``    steps with a NaN/inf gradient since the start (running count)
 ``gradguard/skipped``      skipped optimizer steps since the start (running count)
 ========================== ===========================================================
+
+With an Adam-family optimizer (the monitor's signals of
+:mod:`gradguard.monitor.optim_signals`, sampled at the interval's last step), also:
+
+=================================== ==================================================
+``gradguard/update_ratio_max``      largest per-layer ``||update|| / ||weight||``
+``gradguard/update_ratio_median``   its median over layers
+``gradguard/grad_v_rms_max``        largest per-layer ``rms(g / sqrt(v_hat))``: the
+                                    gradient against Adam's second moment
+``gradguard/grad_v_rms_median``     its median over layers
+=================================== ==================================================
+
+These keys are absent from an interval whose last step was not sampled, and with other
+optimizers (no NaN columns in the framework's logs).
 """
 
 from __future__ import annotations
@@ -65,6 +79,10 @@ _RECORD_METRICS = {
     "spikes": "spikes",
 }
 
+# Adam-family signals: logged only when the record has them
+_OPTIM_METRICS = ("update_ratio_max", "update_ratio_median", "grad_v_rms_max",
+                  "grad_v_rms_median")
+
 
 def check_guard_arguments(clip: Any, nonfinite: str, guard_kwargs: Mapping[str, Any],
                           owned: tuple[str, ...] = ()) -> None:
@@ -98,12 +116,17 @@ def record_metrics(record: Mapping[str, Any]) -> dict[str, float]:
         record: an interval record (keys :data:`gradguard.monitor.RECORD_KEYS`).
 
     Returns:
-        Floats (NaN where the interval had no finite value), keyed with :data:`PREFIX`.
+        Floats (NaN where the interval had no finite value), keyed with :data:`PREFIX`;
+        the Adam-family signals only where the record has a finite value.
     """
     out = {}
     for key, name in _RECORD_METRICS.items():
         value = record.get(key)
         out[PREFIX + name] = math.nan if value is None else float(value)
+    for key in _OPTIM_METRICS:
+        value = record.get(key)
+        if value is not None and math.isfinite(value):
+            out[PREFIX + key] = float(value)
     return out
 
 
