@@ -163,6 +163,26 @@ def test_tensorboard_sink_writes_scalars_and_events():
     assert sink.writer is None  # released by close
 
 
+def test_tensorboard_sink_per_layer_adam_signals_finite_only():
+    record = {"step_last": 7, "layer_norm_max": [1.0, math.nan],
+              "layer_update_ratio": [0.01, math.nan], "layer_grad_v_rms": [None, 2.5],
+              "update_ratio_max": 0.01}
+    w = _FakeWriter()
+    sink = TensorBoardSink("unused", per_layer=True, writer=w)
+    sink.write_meta({"names": ["a", "b"]})
+    sink.write_record(record)
+    per_layer = sorted((t, v) for t, v, _ in w.scalars if t.count("/") == 2)
+    assert per_layer == [("gradguard/layer_grad_v_rms/b", 2.5),
+                         ("gradguard/layer_norm_max/a", 1.0),
+                         ("gradguard/layer_update_ratio/a", 0.01)]
+    assert ("gradguard/update_ratio_max", 0.01, 7) in w.scalars
+    w = _FakeWriter()  # off by default: the interval scalars only
+    sink = TensorBoardSink("unused", writer=w)
+    sink.write_meta({"names": ["a", "b"]})
+    sink.write_record(record)
+    assert [t for t, _, _ in w.scalars] == ["gradguard/update_ratio_max"]
+
+
 def test_tensorboard_sink_import_error_is_clear(monkeypatch):
     # None in sys.modules makes the import fail, whether tensorboard is installed or not.
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)

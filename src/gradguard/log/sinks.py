@@ -23,6 +23,7 @@ The JSON Lines file written by :class:`JSONLSink` is the canonical log (see
 from __future__ import annotations
 
 import csv
+import math
 import os
 import sys
 from collections.abc import Callable, Iterable
@@ -234,13 +235,20 @@ class TensorBoardSink(Sink):
     Args:
         log_dir: the TensorBoard run directory.
         per_layer: also write each layer's interval max norm as
-            ``gradguard/layer_norm_max/<name>`` (one curve per parameter tensor: off by
-            default, it clutters TensorBoard on large models).
+            ``gradguard/layer_norm_max/<name>`` and, with an Adam-family optimizer, its
+            sampled update-to-weight ratio and gradient against the second moment as
+            ``gradguard/layer_update_ratio/<name>`` and
+            ``gradguard/layer_grad_v_rms/<name>`` (finite values only; one curve per
+            parameter tensor: off by default, it clutters TensorBoard on large models).
         writer: an existing ``SummaryWriter`` to write to instead of creating one.
 
     Raises:
         ImportError: if ``tensorboard`` is not installed, with the command to install it.
     """
+
+    #: The per-layer list fields of a record written with ``per_layer=True``.
+    PER_LAYER_KEYS: tuple[str, ...] = ("layer_norm_max", "layer_update_ratio",
+                                       "layer_grad_v_rms")
 
     def __init__(
         self, log_dir: str | os.PathLike[str], *, per_layer: bool = False, writer: Any = None
@@ -277,8 +285,10 @@ class TensorBoardSink(Sink):
                 continue
             self._writer.add_scalar(f"gradguard/{key}", value, step)
         if self.per_layer:
-            for name, value in zip(self._names, record.get("layer_norm_max", []), strict=False):
-                self._writer.add_scalar(f"gradguard/layer_norm_max/{name}", value, step)
+            for key in self.PER_LAYER_KEYS:
+                for name, value in zip(self._names, record.get(key) or [], strict=False):
+                    if value is not None and math.isfinite(value):
+                        self._writer.add_scalar(f"gradguard/{key}/{name}", value, step)
         self._writer.flush()
 
     def write_event(self, event: Event) -> None:
