@@ -226,6 +226,37 @@ def test_second_moment_decay(optimizers, expected):
     assert second_moment_decay(optimizers) == expected
 
 
+class _ThirdParty(torch.optim.Optimizer):
+    """Stands for an optimizer from another library (bitsandbytes, apex, timm): only its
+    param groups' hyper-parameters are read."""
+
+    def __init__(self, **defaults) -> None:
+        super().__init__([torch.nn.Parameter(torch.ones(2))], defaults)
+
+    def step(self, closure=None):  # pragma: no cover - never stepped
+        return None
+
+
+@pytest.mark.parametrize(("defaults", "expected"), [
+    ({"lr": 1e-3, "betas": (0.9, 0.95)}, 0.95),  # 8-bit AdamW, FusedAdam, LAMB, Lion ...
+    ({"lr": 1e-3, "betas": [0.9, 0.98], "weight_decay": 0.1}, 0.98),
+    ({"lr": 1e-3, "betas": (0.9, 1.0)}, None),  # no decay: no horizon
+    ({"lr": 1e-3, "betas": (0.98, 0.92, 0.99)}, None),  # Adan: which beta is v's?
+    ({"lr": 1e-3, "betas": (0.9, 0.95), "momentum": 0.9}, None),  # SGD-like
+    ({"lr": 1e-3, "betas": ("a", 0.95)}, None),
+    ({"lr": 1e-3, "beta2_decay": -0.8}, None),  # Adafactor
+    ({"lr": 0.1, "momentum": 0.9}, None),  # a third-party SGD
+])
+def test_second_moment_decay_of_third_party_optimizers(defaults, expected):
+    assert second_moment_decay([_ThirdParty(**defaults)]) == expected
+
+
+def test_third_party_adam_gets_the_adam_family_rule_bitwise():
+    norms = norm_sequence(40, seed=2)
+    assert _run_adaptive(Auto(), norms, [_ThirdParty(lr=1e-3, betas=(0.9, 0.95))]) == \
+        _run_adaptive(Auto(), norms, [_adamw(0.95)])
+
+
 def test_adaptive_rule_is_sync_free():
     from torch._subclasses.fake_tensor import FakeTensorMode
 

@@ -5,6 +5,7 @@ ramped in over the second moment's horizon, and a drop of spike steps."""
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -19,8 +20,10 @@ from gradguard.policies.base import StepNorms, ThresholdPolicy
 
 __all__ = ["ADAPTIVE_OPTIMIZERS", "Auto", "second_moment_decay", "sgd_effective_lr"]
 
-#: The optimizers whose update is normalised by a running second moment with a decay rate
-#: (``betas[1]``; RMSprop's ``alpha``): :class:`Auto` uses its adaptive rule with them.
+#: The torch optimizers whose update is normalised by a running second moment with a decay
+#: rate (``betas[1]``; RMSprop's ``alpha``): :class:`Auto` uses its adaptive rule with them,
+#: and with third-party optimizers that carry Adam's ``betas`` (see
+#: :func:`second_moment_decay`).
 ADAPTIVE_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (
     torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam, torch.optim.RAdam,
     torch.optim.Adamax, torch.optim.RMSprop)
@@ -50,24 +53,41 @@ def sgd_effective_lr(optimizers: Sequence[torch.optim.Optimizer]) -> float | Non
 
 def second_moment_decay(optimizers: Sequence[torch.optim.Optimizer]) -> float | None:
     """The slowest second-moment decay ``beta2`` over the param groups of the attached
-    Adam-family optimizers (:data:`ADAPTIVE_OPTIMIZERS`; RMSprop's ``alpha``), or ``None``
-    when an SGD optimizer is attached (SGD's rule wins) or none of them is Adam-family.
+    Adam-family optimizers, or ``None`` when an SGD optimizer is attached (SGD's rule
+    wins) or none of them is Adam-family.
 
-    Adagrad (no decay), Adafactor and third-party optimizers return ``None``: their
-    second moment, if any, has no ``beta2`` to read.
+    Adam-family: torch's :data:`ADAPTIVE_OPTIMIZERS` (RMSprop's ``alpha`` is its decay),
+    and any other optimizer whose every param group has Adam's ``betas = (beta1, beta2)``
+    and no ``momentum`` (bitsandbytes' 8-bit and paged AdamW, apex's FusedAdam and
+    FusedLAMB, timm's and other libraries' Adam variants, Lion): ``beta2`` is read from
+    ``betas``. Adagrad (no decay), Adafactor (no ``betas``) and optimizers with three or
+    more betas (Adan) return ``None``.
     """
     if sgd_effective_lr(optimizers) is not None:
         return None
     best: float | None = None
     for opt in map(unwrap_optimizer, optimizers):
-        if not isinstance(opt, ADAPTIVE_OPTIMIZERS):
-            continue
-        for group in opt.param_groups:
-            beta2 = float(group["alpha"] if isinstance(opt, torch.optim.RMSprop)
-                          else group["betas"][1])
+        for beta2 in _second_moment_decays(opt):
             best = beta2 if best is None else max(best, beta2)
     # a second moment that never decays (beta2 = 1) has no horizon to ramp over
     return best if best is not None and best < 1 else None
+
+
+def _second_moment_decays(opt: torch.optim.Optimizer) -> list[float]:
+    """Each param group's ``beta2`` if ``opt`` is Adam-family (see
+    :func:`second_moment_decay`), else an empty list."""
+    groups = opt.param_groups
+    if isinstance(opt, torch.optim.RMSprop):
+        return [float(group["alpha"]) for group in groups]
+    if isinstance(opt, ADAPTIVE_OPTIMIZERS):
+        return [float(group["betas"][1]) for group in groups]
+    # third-party optimizers: Adam's (beta1, beta2) in every group, and no SGD momentum
+    betas = [group.get("betas") for group in groups]
+    if not groups or any("momentum" in group for group in groups) or not all(
+            isinstance(b, (tuple, list)) and len(b) == 2
+            and all(isinstance(x, numbers.Real) and 0 <= x < 1 for x in b) for b in betas):
+        return []
+    return [float(b[1]) for b in betas]  # type: ignore[index]
 
 
 def _trust_applies(lr_eff: float | None) -> bool:
@@ -80,7 +100,8 @@ class Auto(ThresholdPolicy):
     """gradguard's default: no tuning, safe from step 0 and against rare spikes.
 
     The rule depends on the attached optimizers: SGD-type (or none, or one that is neither
-    SGD nor Adam-family), the two caps below; Adam-family (:data:`ADAPTIVE_OPTIMIZERS`,
+    SGD nor Adam-family), the two caps below; Adam-family (:data:`ADAPTIVE_OPTIMIZERS`
+    and other libraries' optimizers with Adam's ``betas``, :func:`second_moment_decay`;
     with no SGD optimizer attached), the rule of the section "Adam-family optimizers".
 
     The threshold is the smaller of two caps::
@@ -142,7 +163,8 @@ class Auto(ThresholdPolicy):
     the cap 1.6 in log units above the typical norm, i.e. 3-16 standard deviations of the
     step-to-step noise of healthy runs (0.1-0.5).
 
-    **Adam-family optimizers** (Adam, AdamW, NAdam, RAdam, Adamax, RMSprop). Their update
+    **Adam-family optimizers** (Adam, AdamW, NAdam, RAdam, Adamax, RMSprop, and other
+    libraries' optimizers with Adam's ``betas``: see :func:`second_moment_decay`). Their update
     is normalised by a running second moment ``v`` (decay ``beta2``: ``betas[1]``,
     RMSprop's ``alpha``; the largest over the param groups). Up to ``eps`` the update
     does not depend on a constant scale of the gradients, so a clip matters only through
