@@ -18,12 +18,10 @@ from typing import Any
 
 
 def _one(job: tuple[dict[str, Any], str, float, int]) -> dict[str, Any]:
-    import torch
-
-    torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
     import gradguard.bench.run as run
     from gradguard.policies import auto
+
+    run.init_worker()
 
     changed, task, lr, seed = job
     default_init = auto.Auto.__init__

@@ -44,10 +44,7 @@ def _train_with_oracle(t, model, optimizer, ctl, sample, faults, n_steps, lr):
 
 
 def _one(job: tuple[str, float, int]) -> dict[str, Any]:
-    import torch
-
-    torch.set_num_threads(1)
-    torch.set_flush_denormal(True)
+    run.init_worker()
     run._train = _train_with_oracle
     method, lr, seed = job
     r = run.run_one("gpt:corrupt", method, lr, seed)
